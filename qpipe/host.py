@@ -11,7 +11,11 @@ or cancelled request is withdrawn in the same step that would have served it.
 Ops (the method names of the client API, plus a few for tools)::
 
     declare, spec, enqueue, enqueue_many, dequeue, dequeue_many, dequeue_up_to,
-    close, size, is_closed, cancel, put_back, ping, stats, list
+    close, size, is_closed, cancel, put_back, writer_done, ping, stats, list
+
+``writer_done`` counts distinct writers of a queue (``{"writer": "reader/1",
+"writers": 4}``) and closes the queue when the last one reports, so a queue
+fed by several processes is closed exactly once, after all of them.
 
 :class:`QueueServer` runs a host on its own loop in a background thread
 (``start``/``stop`` or a ``with`` block) or in the calling thread
@@ -85,6 +89,7 @@ class QueueHost:
         self.max_message_size = max_message_size
         self.queues: dict[str, Queue] = {}
         self._waiting: dict[tuple[bytes, Any], tuple[Queue, _Req]] = {}
+        self._writers_done: dict[str, set[str]] = {}
         self.requests = 0
         self.bad_requests = 0
         self.undeliverable = 0
@@ -101,6 +106,7 @@ class QueueHost:
             "is_closed": self._is_closed,
             "cancel": self._cancel,
             "put_back": self._put_back,
+            "writer_done": self._writer_done,
             "ping": self._ping,
             "stats": self._stats,
             "list": self._list,
@@ -372,6 +378,22 @@ class QueueHost:
         if n:
             self._deliver(q, q.put_back(arrays))
 
+    def _writer_done(self, ident: bytes, req_id: Any, header: dict[str, Any], arrays: list[Any]) -> None:
+        q = self._queue(header)
+        writer, writers = header.get("writer"), header.get("writers")
+        if not isinstance(writer, str) or isinstance(writers, bool) or not isinstance(writers, int) or writers < 1:
+            raise InvalidArgumentError(
+                f"queue {q.name!r}: writer_done needs a writer name and a writer count >= 1, "
+                f"got {writer!r} and {writers!r}")
+        done = self._writers_done.setdefault(q.name, set())
+        done.add(writer)
+        closing = len(done) >= writers and not q.closed
+        completions = q.close(False) if closing else []
+        self._send(ident, {"id": req_id, "ok": True, "closed": closing, "done": len(done)})
+        if closing:
+            log.info("queue %r closed: all %d writers are done", q.name, writers)
+        self._deliver(q, completions)
+
     def _ping(self, ident: bytes, req_id: Any, header: dict[str, Any], arrays: list[Any]) -> None:
         self._send(ident, {"id": req_id, "ok": True, "time": time.time()})
 
@@ -416,6 +438,8 @@ class QueueServer:
         make ZeroMQ drop the connection before buffering them.
     context : zmq.Context, optional
         ZeroMQ context (default: the process's shared one).
+    queues : dict of str to QueueSpec, optional
+        Queues to declare before the first request is served.
 
     Attributes
     ----------
@@ -424,8 +448,9 @@ class QueueServer:
     """
 
     def __init__(self, address: str, *, max_message_size: int | None = None,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, queues: dict[str, QueueSpec] | None = None) -> None:
         self.requested_address = address
+        self._initial_queues = dict(queues or {})
         self.max_message_size = int(max_message_size or settings().max_message_size)
         if self.max_message_size < 1024:
             raise InvalidArgumentError(f"max_message_size must be at least 1024 bytes, got {max_message_size}")
@@ -476,6 +501,8 @@ class QueueServer:
         try:
             sock, self.address = bind_router(self._ctx, self.requested_address, 2 * self.max_message_size)
             self._host = QueueHost(sock, loop, self.max_message_size)
+            for name, spec in self._initial_queues.items():
+                self._host.queues[name] = make_queue(name, spec)
             if signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.add_signal_handler(sig, loop.stop)

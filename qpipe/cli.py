@@ -1,0 +1,166 @@
+"""The ``qpipe`` command: a thin shell over the library.
+
+``qpipe run FILE``       start a topology's queue hosts and nodes here and supervise them
+``qpipe node FILE NAME`` run one node replica (or one queue host) of a topology, for multi-machine runs
+``qpipe validate FILE``  check a topology file and print its graph
+``qpipe serve --bind A`` run a bare queue host
+``qpipe bench``          measure queue throughput against raw ZeroMQ
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .topology import TopologyError, load
+
+    try:
+        topo = load(args.file, check_imports=args.check_imports)
+    except TopologyError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"qpipe validate: cannot read {args.file}: {e.strerror}", file=sys.stderr)
+        return 2
+    print(topo.graph_text())
+    return 0
+
+
+def _load(file: str, cmd: str):
+    from .topology import TopologyError, load
+
+    try:
+        return load(file)
+    except TopologyError as e:
+        print(e, file=sys.stderr)
+    except OSError as e:
+        print(f"qpipe {cmd}: cannot read {file}: {e.strerror}", file=sys.stderr)
+    return None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .launcher import Launcher
+
+    topo = _load(args.file, "run")
+    if topo is None:
+        return 2
+    if not all(h.is_local for h in topo.hosts.values() if any(
+            n.host == h.name for n in topo.nodes.values()) or any(q.host == h.name for q in topo.queue_hosts.values())):
+        print(f"qpipe run: {args.file} places processes on other machines; start each with "
+              f"'qpipe node {args.file} NAME' on its machine", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{topo.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    extra = ["--resume"] if args.resume else []
+    launcher = Launcher(topo, run_dir, quiet=args.quiet, grace=args.grace, extra_args=extra)
+    return launcher.run()
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    from .runtime import READY_PREFIX, run_node
+
+    topo = _load(args.file, "node")
+    if topo is None:
+        return 2
+    if args.name in topo.queue_hosts:
+        from .host import QueueServer
+        from .spec import QueueSpec
+
+        qh = topo.queue_hosts[args.name]
+        queues = {n: QueueSpec.make(**q.spec_kwargs()) for n, q in topo.queues.items() if q.host == args.name}
+        server = QueueServer(qh.bind_address, max_message_size=qh.max_message_size, queues=queues)
+
+        def ready(address: str) -> None:
+            if address.startswith("tcp://0.0.0.0:") or address.startswith("tcp://[::]:"):
+                address = qh.address
+            print(f"queue host {args.name} serving {len(queues)} queue(s) on {address}", file=sys.stderr,
+                  flush=True)
+            print(READY_PREFIX + address, flush=True)
+
+        server.serve_forever(ready=ready)
+        return 0
+    if args.name not in topo.nodes:
+        known = ", ".join([*topo.nodes, *topo.queue_hosts])
+        print(f"qpipe node: {args.file} has no node or queue host {args.name!r} (known: {known})", file=sys.stderr)
+        return 2
+    node = topo.nodes[args.name]
+    replica = args.replica
+    if replica is None:
+        if node.replicas > 1:
+            print(f"qpipe node: node {args.name!r} has {node.replicas} replicas; pass --replica I "
+                  f"(0..{node.replicas - 1}) and start each one", file=sys.stderr)
+            return 2
+        replica = 0
+    if not 0 <= replica < node.replicas:
+        print(f"qpipe node: --replica {replica} is out of range for node {args.name!r} "
+              f"(0..{node.replicas - 1})", file=sys.stderr)
+        return 2
+    return run_node(topo, args.name, replica)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .errors import QueueError
+    from .host import QueueServer
+
+    try:
+        server = QueueServer(args.bind, max_message_size=args.max_message_size)
+        server.serve_forever(ready=lambda a: print(f"qpipe queue host serving on {a}", flush=True))
+    except QueueError as e:
+        print(f"qpipe serve: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qpipe", description="ML pipelines as processes that talk through queues.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a topology on this machine")
+    r.add_argument("file", help="topology TOML file")
+    r.add_argument("--run-dir", help="where logs, metrics and summary.json go (default runs/NAME-TIME)")
+    r.add_argument("--quiet", action="store_true", help="no progress and no node output on the terminal")
+    r.add_argument("--grace", type=float, default=10.0, help="seconds nodes get to finish after Ctrl-C (10)")
+    r.add_argument("--resume", action="store_true", help="continue from the latest checkpoint, if nodes keep any")
+    r.set_defaults(fn=_cmd_run)
+
+    n = sub.add_parser("node", help="run one node replica or queue host of a topology (one per machine)")
+    n.add_argument("file", help="topology TOML file")
+    n.add_argument("name", help="node or queue-host name")
+    n.add_argument("--replica", type=int, help="replica index (required when the node has several)")
+    n.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+    n.set_defaults(fn=_cmd_node)
+
+    v = sub.add_parser("validate", help="check a topology file and print its graph")
+    v.add_argument("file", help="topology TOML file")
+    v.add_argument("--check-imports", action="store_true", help="also import user node kinds (module:function)")
+    v.set_defaults(fn=_cmd_validate)
+
+    s = sub.add_parser("serve", help="run a bare queue host")
+    s.add_argument("--bind", required=True, help="endpoint, e.g. tcp://127.0.0.1:5555 or ipc:///tmp/q")
+    s.add_argument("--max-message-size", type=int, help="largest request in bytes (default 1 GiB)")
+    s.set_defaults(fn=_cmd_serve)
+
+    b = sub.add_parser("bench", help="queue throughput benchmark (see bench/queue_throughput.py)",
+                       add_help=False)
+    b.set_defaults(fn=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
+    args = _parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
