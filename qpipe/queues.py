@@ -237,9 +237,12 @@ class Queue:
                         out.append((r, self._finish(r)))
                     else:
                         self._restore(r)
-                        out.append((r, OutOfRangeError(
-                            f"queue {self.name!r} is closed and has {self._size} of the {r.n} "
-                            f"rows {r.op} needs")))
+                        if r.op == "dequeue":
+                            msg = f"queue {self.name!r} is closed and empty"
+                        else:
+                            msg = (f"queue {self.name!r} is closed and has {self._size} of the {r.n} "
+                                   f"items {r.op} needs (they stay in the queue)")
+                        out.append((r, OutOfRangeError(msg)))
                     progressed = True
                     continue
                 break
