@@ -185,8 +185,11 @@ class Queue:
     def put_back(self, rows: Block) -> list[Completion]:
         """Return rows that were dequeued but could not be delivered, at the front."""
         n = rows[0].shape[0]
+        if n == 0:
+            return []
         self.dequeued -= n
         self._put_front([rows])
+        self._size += n
         out: list[Completion] = []
         self._flush(out)
         return out
@@ -255,7 +258,7 @@ class Queue:
         try:
             if r.op == "dequeue":
                 rows = parts[0]
-                res: Outcome = [a[0] for a in rows]
+                res: Outcome = [a[0, ...] for a in rows]  # arrays, also for scalars and strings
             else:
                 res = [self._combine([p[c] for p in parts], c) for c in range(self.spec.arity)]
         except QueueError as e:

@@ -20,6 +20,7 @@ Conversion rules (stricter than TensorFlow, which casts silently):
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,9 +56,13 @@ def normalize_dtype(name: Any, where: str = "dtype") -> np.dtype:
         return _OBJECT
     if isinstance(name, np.dtype) and name == _OBJECT:
         return _OBJECT
+    if name is None:
+        raise InvalidArgumentError(f"{where}: a dtype is required, got None; use e.g. 'float32' or 'string'")
     try:
-        dt = np.dtype(name)
-    except TypeError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            dt = np.dtype(name)
+    except Exception:  # numpy raises TypeError, ValueError or warns for odd strings
         raise InvalidArgumentError(
             f"{where}: {name!r} is not a dtype; use a numpy dtype name such as 'float32' or 'string'"
         ) from None
@@ -351,10 +356,14 @@ class ItemChecker:
             return _to_strings(v, self.queue, i)
         if type(v) is np.ndarray and v.dtype == dt:
             return v if v.flags.c_contiguous else np.ascontiguousarray(v)
-        a = np.asarray(v)
+        try:
+            a = np.asarray(v)
+        except ValueError as e:  # ragged nested lists
+            raise InvalidArgumentError(f"queue {self.queue!r}: component {i} of the {what} is not an array: {e}") from None
         if a.dtype != dt:
             a = _cast(a, dt, self.queue, i)
-        return np.ascontiguousarray(a)
+        # NOTE: np.ascontiguousarray would turn 0-d arrays into shape (1,).
+        return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def _cast(a: np.ndarray, dt: np.dtype, queue: str, i: int) -> np.ndarray:

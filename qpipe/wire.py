@@ -29,6 +29,7 @@ limit, raising :class:`ProtocolError` or :class:`MessageTooLargeError`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -178,8 +179,10 @@ def _decode_array(meta: Any, frame: Any, i: int) -> np.ndarray:
     dt = _DTYPE_CACHE.get(dts)
     if dt is None:
         try:
-            dt = np.dtype(dts)
-        except TypeError:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                dt = np.dtype(dts)
+        except Exception:  # numpy raises TypeError, ValueError or warns for odd strings
             raise ProtocolError(f"arrays[{i}]: {dts!r} is not a dtype") from None
         if dt.kind not in "biufc" or dt.fields is not None or dt.subdtype is not None:
             raise ProtocolError(f"arrays[{i}]: dtype {dts!r} is not supported")
