@@ -126,15 +126,23 @@ def run(ctx: NodeContext) -> None:
     decoder, shapes = make_decoder(p, files[0])
     if name_queues:
         names_q = name_queues[0]
+        fillers = []
         if ctx.replica == 0:
-            count = 0
-            for f in filename_epochs(files, epochs, shuffle=shuffle, seed=seed):
-                names_q.enqueue(f.encode())
-                count += 1
-            names_q.close()
-            ctx.log.info("filled filename queue %r with %d names (%s epochs)", names_q.name, count, epochs)
+            # A thread of its own: the queue may hold fewer names than files x epochs.
+            def fill() -> None:
+                count = 0
+                for f in filename_epochs(files, epochs, shuffle=shuffle, seed=seed):
+                    if ctx.coord.should_stop():
+                        return
+                    names_q.enqueue(f.encode())
+                    count += 1
+                names_q.close()
+                ctx.log.info("filled filename queue %r with %d names (%s epochs)", names_q.name, count, epochs)
+
+            fillers.append(threading.Thread(target=_guarded, args=(ctx, fill), name="filenames"))
         source = _Files(None, names_q)
     else:
+        fillers = []
         mine = shard_files(files, ctx.replica, ctx.replicas) if len(files) >= ctx.replicas else files
         if len(files) < ctx.replicas:
             ctx.log.warning("%d files for %d replicas: every replica reads all files", len(files), ctx.replicas)
@@ -168,8 +176,8 @@ def run(ctx: NodeContext) -> None:
                 if ctx.coord.should_stop():
                     return
 
-    threads = [threading.Thread(target=_guarded, args=(ctx, loop), name=f"read-{i}")
-               for i in range(int(p.get("read_threads", 1)))]
+    threads = fillers + [threading.Thread(target=_guarded, args=(ctx, loop), name=f"read-{i}")
+                         for i in range(int(p.get("read_threads", 1)))]
     for t in threads:
         t.start()
     ctx.coord.join(threads, stop_grace_period_secs=ctx.timeout or 60)

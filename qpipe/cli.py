@@ -57,8 +57,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
               f"'qpipe node {args.file} NAME' on its machine", file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{topo.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    extra = ["--resume"] if args.resume else []
-    launcher = Launcher(topo, run_dir, quiet=args.quiet, grace=args.grace, extra_args=extra)
+    launcher = Launcher(topo, run_dir, quiet=args.quiet, grace=args.grace, resume=args.resume)
     return launcher.run()
 
 
@@ -70,6 +69,9 @@ def _cmd_node(args: argparse.Namespace) -> int:
         return 2
     if args.name in topo.queue_hosts:
         from .host import QueueServer
+        from .runtime import setup_logging
+
+        setup_logging(args.name)
         from .spec import QueueSpec
 
         qh = topo.queue_hosts[args.name]
@@ -101,6 +103,10 @@ def _cmd_node(args: argparse.Namespace) -> int:
         print(f"qpipe node: --replica {replica} is out of range for node {args.name!r} "
               f"(0..{node.replicas - 1})", file=sys.stderr)
         return 2
+    if args.resume:
+        import os
+
+        os.environ["QPIPE_RESUME"] = "1"
     return run_node(topo, args.name, replica)
 
 
@@ -133,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("file", help="topology TOML file")
     n.add_argument("name", help="node or queue-host name")
     n.add_argument("--replica", type=int, help="replica index (required when the node has several)")
-    n.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+    n.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (sets QPIPE_RESUME=1)")
     n.set_defaults(fn=_cmd_node)
 
     v = sub.add_parser("validate", help="check a topology file and print its graph")

@@ -40,7 +40,7 @@ from typing import Any, TextIO
 
 from .client import connect
 from .errors import QueueError
-from .runtime import ENV_QUEUE_HOSTS, METRIC_PREFIX, READY_PREFIX, RESULT_PREFIX
+from .runtime import ENV_QUEUE_HOSTS, ENV_SERVICES, METRIC_PREFIX, READY_PREFIX, RESULT_PREFIX, SERVICE_KINDS
 from .topology import Topology
 
 __all__ = ["Launcher", "child_env"]
@@ -57,10 +57,14 @@ def _pdeathsig() -> None:  # runs in the child between fork and exec
 
 
 def child_env(topology: Topology, node_name: str | None, replica: int, addresses: dict[str, str],
-              run_dir: Path | None) -> dict[str, str]:
-    """The environment of one process: device, threads, queue-host addresses."""
+              run_dir: Path | None, services: dict[str, str] | None = None,
+              resume: bool = False) -> dict[str, str]:
+    """The environment of one process: device, threads, queue-host and service addresses."""
     env = dict(os.environ)
     env[ENV_QUEUE_HOSTS] = json.dumps(addresses)
+    env[ENV_SERVICES] = json.dumps(services or {})
+    if resume:
+        env["QPIPE_RESUME"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     if run_dir is not None:
         env["QPIPE_RUN_DIR"] = str(run_dir)
@@ -119,7 +123,7 @@ class Launcher:
 
     def __init__(self, topology: Topology, run_dir: Path, *, quiet: bool = False, grace: float = 10.0,
                  progress_every: float = 2.0, out: TextIO | None = None, extra_args: list[str] | None = None,
-                 startup_timeout: float = 60.0) -> None:
+                 startup_timeout: float = 60.0, resume: bool = False) -> None:
         self.topology = topology
         self.run_dir = Path(run_dir)
         self.quiet = quiet
@@ -133,6 +137,8 @@ class Launcher:
         self.hosts: dict[str, _Proc] = {}
         self.procs: dict[str, _Proc] = {}
         self.addresses: dict[str, str] = {}
+        self.services: dict[str, str] = {}
+        self.resume = resume
         self.results: dict[str, Any] = {}
         self._out_lock = threading.Lock()
         self._stop_requested: str | None = None
@@ -173,7 +179,7 @@ class Launcher:
         logs.mkdir(parents=True, exist_ok=True)
         label = name if node is None else f"{node}/{replica}"
         log = open(logs / (label.replace("/", "-") + ".log"), "a", encoding="utf-8")
-        env = child_env(self.topology, node, replica, self.addresses, self.run_dir)
+        env = child_env(self.topology, node, replica, self.addresses, self.run_dir, self.services, self.resume)
         popen = subprocess.Popen(
             self._command(name, None if node is None else replica),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -181,8 +187,18 @@ class Launcher:
             bufsize=1,
         )
         p = _Proc(label, node, replica, popen, log, time.monotonic(), restarts=restarts)
-        threading.Thread(target=self._pump, args=(p,), name=f"pump {label}", daemon=True).start()
+        pump = threading.Thread(target=self._pump, args=(p,), name=f"pump {label}", daemon=True)
+        pump.start()
+        threading.Thread(target=self._wait, args=(p, pump), name=f"wait {label}", daemon=True).start()
         return p
+
+    def _wait(self, p: _Proc, pump: threading.Thread) -> None:
+        # The exit is reported when the process ends, not when its output closes
+        # (a helper it started may hold the pipe open); its last lines get a moment.
+        rc = p.popen.wait()
+        pump.join(1.0)
+        p.ready.set()
+        self.events.put(("exit", p, rc))
 
     def _pump(self, p: _Proc) -> None:
         assert p.popen.stdout is not None
@@ -200,9 +216,6 @@ class Launcher:
             p.tail.append(line)
             if not self.quiet:
                 self.say(f"[{p.name}] {line}")
-        rc = p.popen.wait()
-        p.ready.set()
-        self.events.put(("exit", p, rc))
 
     def _start_queue_hosts(self) -> None:
         for name in self.topology.queue_hosts:
@@ -219,18 +232,37 @@ class Launcher:
             self.say(f"queue host {name} ready at {p.address}")
 
     def _start_nodes(self) -> None:
+        # Services (parameter servers) first: others need their addresses.
+        services = [n for n in self.topology.nodes.values() if n.kind in SERVICE_KINDS]
+        for node in services:
+            for r in range(node.replicas):
+                p = self._spawn(node.name, node.name, r)
+                self.procs[p.name] = p
+        deadline = time.monotonic() + self.startup_timeout
+        for node in services:
+            for r in range(node.replicas):
+                p = self.procs[f"{node.name}/{r}"]
+                if not p.ready.wait(max(0.0, deadline - time.monotonic())) or p.address is None:
+                    tail = "\n  ".join(p.tail) or "(no output)"
+                    raise RuntimeError(f"service {p.name} did not come up within {self.startup_timeout:g} s; "
+                                       f"its last lines:\n  {tail}")
+                self.services[p.name] = p.address
+                self.say(f"service {p.name} ready at {p.address}")
         for node in self.topology.nodes.values():
+            if node.kind in SERVICE_KINDS:
+                continue
             for r in range(node.replicas):
                 p = self._spawn(node.name, node.name, r)
                 self.procs[p.name] = p
 
     @staticmethod
     def _signal(p: _Proc, sig: int) -> None:
-        if p.popen.poll() is None:
-            try:
-                os.kill(p.popen.pid, sig)
-            except ProcessLookupError:
-                pass
+        # Each child leads its own session: signal the whole group, so helpers a
+        # node started go too.
+        try:
+            os.killpg(p.popen.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def _close_all_queues(self, cancel: bool) -> None:
         for qh, addr in self.addresses.items():
@@ -340,7 +372,7 @@ class Launcher:
         finally:
             if status != "completed":
                 self._close_all_queues(cancel=True)
-                self._stop_nodes(self.grace if status == "interrupted" else 2.0)
+                self._stop_nodes(self.grace)
             self._drain_events()
             self._stop_hosts()
             for s, h in old.items():
@@ -358,8 +390,8 @@ class Launcher:
     def _supervise(self) -> tuple[str, str | None, str]:
         next_progress = time.monotonic() + self.progress_every
         while True:
-            if all(p.rc == 0 for p in self.procs.values()):
-                return "completed", None, ""
+            if all(p.rc is not None for p in self.procs.values()):
+                return "completed", None, ""  # failures left by now were tolerated
             timeout = max(0.0, next_progress - time.monotonic())
             try:
                 kind, p, data = self.events.get(timeout=timeout)
@@ -382,7 +414,9 @@ class Launcher:
             if p.node is None:
                 if self._stop_requested:
                     continue
-                return "failed", p.name, f"queue host {p.name} exited with status {data}"
+                tail = "\n    ".join(p.tail) or "(no output)"
+                return "failed", p.name, (f"queue host {p.name} exited with status {data}; its last lines:"
+                                          f"\n    {tail}")
             if data == 0:
                 self.say(f"{p.name} finished ({p.ended - p.started:.1f} s)")
                 continue
@@ -393,6 +427,11 @@ class Launcher:
                 p.log.close()
                 q = self._spawn(p.node, p.node, p.replica, restarts=p.restarts + 1)
                 self.procs[p.name] = q
+                continue
+            failed_for_good = sum(1 for q in self.procs.values() if q.node == p.node and q.rc not in (None, 0))
+            if failed_for_good <= node.allowed_failures:
+                self.say(f"{p.name} exited with status {data}; tolerated ({failed_for_good} of "
+                         f"{node.allowed_failures} allowed failures of node {p.node})")
                 continue
             tail = "\n    ".join(p.tail) or "(no output)"
             return "failed", p.name, (f"node {p.name} exited with status {data}; last lines of its log "
@@ -438,8 +477,9 @@ class Launcher:
         nodes: dict[str, Any] = {}
         for p in self.procs.values():
             nodes.setdefault(p.node, {"kind": self.topology.node(p.node).kind, "replicas": []})["replicas"].append({
-                "replica": p.replica, "exit_code": p.rc, "restarts": p.restarts,
-                "seconds": None if p.ended is None else round(p.ended - p.started, 3),
+                "replica": p.replica, "exit_code": p.rc if p.rc is not None else p.popen.poll(),
+                "restarts": p.restarts,
+                "seconds": round((p.ended or time.monotonic()) - p.started, 3),
                 "metrics": p.metrics,
             })
         summary: dict[str, Any] = {
@@ -455,8 +495,11 @@ class Launcher:
             "nodes": nodes,
             "results": self.results,
         }
-        # Results nodes report (e.g. test_accuracy) are also at the top level.
-        for values in self.results.values():
+        # Results of single-replica nodes (e.g. the evaluator's test_accuracy) are
+        # also at the top level; per-replica results stay under "results".
+        for who, values in self.results.items():
+            if "/" in who:
+                continue
             for k, v in values.items():
                 summary.setdefault(k, v)
         return summary

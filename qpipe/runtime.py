@@ -31,6 +31,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -51,6 +52,10 @@ METRIC_PREFIX = "QPIPE-METRIC "
 RESULT_PREFIX = "QPIPE-RESULT "
 READY_PREFIX = "QPIPE-READY "
 ENV_QUEUE_HOSTS = "QPIPE_QUEUE_HOSTS"
+ENV_SERVICES = "QPIPE_SERVICES"
+#: Node kinds that serve requests (parameter servers): the launcher starts them
+#: before the others and passes their bound addresses on, as for queue hosts.
+SERVICE_KINDS = ("ps",)
 
 
 def queue_host_addresses(topology: Topology) -> dict[str, str]:
@@ -103,6 +108,52 @@ class NodeContext:
         self._out = out or sys.stdout
         self._out_lock = threading.Lock()
         self._lock = threading.Lock()
+
+    def service_addresses(self, node_name: str) -> list[str]:
+        """Endpoints of every replica of a service node (e.g. the PS shards), by replica.
+
+        From ``QPIPE_SERVICES`` (set by ``qpipe run``, which knows the bound
+        ports) or else from the file: the node's host address and
+        ``params.port + replica``.
+        """
+        node = self.topology.node(node_name)
+        raw = os.environ.get(ENV_SERVICES)
+        given = json.loads(raw) if raw else {}
+        out = []
+        for r in range(node.replicas):
+            addr = given.get(f"{node_name}/{r}")
+            if addr is None:
+                port = int(node.params.get("port", 0))
+                if not port:
+                    raise ValueError(f"node {node_name!r} needs params.port when started with 'qpipe node' "
+                                     f"(only 'qpipe run' can pass on a port chosen at random)")
+                host = self.topology.hosts[node.host].address
+                addr = f"tcp://{host}:{port + r}"
+            out.append(addr)
+        return out
+
+    def bind_address(self) -> str:
+        """Where a service replica binds: its host's address and ``params.port + replica`` (0: any port)."""
+        port = int(self.params.get("port", 0))
+        host = self.topology.hosts[self.node.host].address
+        return f"tcp://{host}:{port + self.replica if port else 0}"
+
+    def ready(self, address: str) -> None:
+        """Tell the launcher this service is up at ``address`` (the startup handshake)."""
+        with self._out_lock:
+            self._out.write(READY_PREFIX + address + "\n")
+            self._out.flush()
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory (``QPIPE_RUN_DIR``, set by ``qpipe run``), else ``runs/NAME`` here."""
+        d = os.environ.get("QPIPE_RUN_DIR")
+        return Path(d) if d else Path("runs") / self.topology.name
+
+    @property
+    def resume(self) -> bool:
+        """Whether the run was started with ``--resume``."""
+        return os.environ.get("QPIPE_RESUME") == "1"
 
     @property
     def name(self) -> str:
@@ -214,6 +265,10 @@ def run_node(topology: Topology | str | Path, node_name: str, replica: int = 0,
     _setup_logging(f"{node_name}/{replica}")
     ctx = NodeContext(topo, node, replica, addresses)
     log = ctx.log
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (the launcher stopping a run) asks the node's threads to stop;
+        # blocked queue calls wake because the launcher also closes the queues.
+        signal.signal(signal.SIGTERM, lambda sig, frame: ctx.coord.request_stop())
     try:
         fn = resolve_entry(node)
         log.info("starting %s (kind %s, replica %d of %d, pid %d)", ctx.name, node.kind, replica,
@@ -234,6 +289,11 @@ def run_node(topology: Topology | str | Path, node_name: str, replica: int = 0,
         return 1
     finally:
         ctx.close()
+
+
+def setup_logging(who: str = "") -> None:
+    """Log lines as ``HH:MM:SS LEVEL message`` on stderr (the launcher adds the node's name)."""
+    _setup_logging(who)
 
 
 def _setup_logging(who: str) -> None:

@@ -106,7 +106,7 @@ __all__ = [
 
 #: Node kinds that ship with qpipe; each is the module ``nodes/<kind>.py`` with a ``main(argv)``.
 BUILTIN_KINDS = (
-    "reader", "feeder", "trainer", "ps", "predictor", "model_slice", "aggregator", "consumer",
+    "reader", "feeder", "trainer", "ps", "evaluator", "predictor", "model_slice", "aggregator", "consumer",
 )
 #: Queue kinds: TensorFlow's FIFOQueue, RandomShuffleQueue and PaddingFIFOQueue.
 QUEUE_KINDS = ("fifo", "shuffle", "padding")
@@ -378,6 +378,9 @@ class NodeSpec:
         Restarts allowed per replica (0 when ``restart = "never"``).
     reads, writes : tuple of str
         Queues the node dequeues from and enqueues into (and closes when done).
+    allowed_failures : int
+        Replicas that may fail for good (after their restarts) without failing
+        the run, e.g. spare trainers in synchronous training.
     params : Mapping
         Kind-specific parameters, read-only (nested tables are mappings, arrays
         tuples); built-in kinds have their defaults filled in.
@@ -397,6 +400,7 @@ class NodeSpec:
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
     params: Mapping[str, Any] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
+    allowed_failures: int = 0
 
     @property
     def is_builtin(self) -> bool:
@@ -657,6 +661,7 @@ KIND_PARAMS: Mapping[str, Mapping[str, Param] | None] = types.MappingProxyType({
     # (the dtypes/shapes hints are still checked).
     "feeder": None,
     "trainer": None,
+    "evaluator": None,
     "ps": None,
     "predictor": None,
     "model_slice": None,
@@ -696,6 +701,7 @@ _NODE = {
     "timeout": Param("number_or_inf"),
     "restart": Param("str", default="never", choices=("never", "on-failure")),
     "max_restarts": Param("int", min=0),
+    "allowed_failures": Param("int", default=0, min=0),
     "reads": Param("str_list", default=[]),
     "writes": Param("str_list", default=[]),
     "params": Param("table", default={}),
@@ -1323,7 +1329,7 @@ def _build_nodes(c: _Checker, section: Any, default_timeout: Any, queues: dict[s
             name=name, kind=kind, replicas=replicas, host=host, device=device, gpus=gpus,
             gpu_memory_fraction=f["gpu_memory_fraction"], threads=f["threads"], timeout=timeout,
             restart=restart, max_restarts=max_restarts, reads=tuple(f["reads"]),
-            writes=tuple(f["writes"]), params=_freeze(params),
+            writes=tuple(f["writes"]), params=_freeze(params), allowed_failures=f["allowed_failures"],
         )
     if section is not _BAD and not section:
         c.add(("nodes",), "declares no nodes; add at least one [nodes.NAME] table")
