@@ -335,11 +335,19 @@ class QueueHost:
                     self._error(token.ident, token.req_id, outcome)
                 elif isinstance(req, EnqueueRequest):
                     self._send(token.ident, {"id": token.req_id, "ok": True, "n": outcome})
-                elif not self._send(token.ident, {"id": token.req_id, "ok": True}, outcome):
-                    rows = [a.reshape((1, *a.shape)) for a in outcome] if req.op == "dequeue" else outcome
-                    log.warning("client of %s on queue %r is gone; %d rows put back",
-                                req.op, q.name, rows[0].shape[0])
-                    more += q.put_back(rows)
+                else:
+                    try:
+                        sent = self._send(token.ident, {"id": token.req_id, "ok": True}, outcome)
+                    except Exception as e:  # a bug; keep the rows and the other replies
+                        log.exception("queue host could not send a %s reply on %r", req.op, q.name)
+                        self._error(token.ident, token.req_id,
+                                    InternalError(f"queue host failed to send the reply: {type(e).__name__}: {e}"))
+                        sent = False
+                    if not sent:
+                        rows = [a.reshape((1, *a.shape)) for a in outcome] if req.op == "dequeue" else outcome
+                        log.warning("reply to %s on queue %r was not delivered; %d rows put back",
+                                    req.op, q.name, rows[0].shape[0])
+                        more += q.put_back(rows)
             done = more
 
     def _close(self, ident: bytes, req_id: Any, header: dict[str, Any], arrays: list[Any]) -> None:
