@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -43,6 +44,8 @@ from .xp import settings
 
 __all__ = ["AsyncClient", "AsyncQueue", "Client", "Queue", "aconnect", "connect"]
 
+log = logging.getLogger("qpipe.client")
+
 
 class _Default:
     def __repr__(self) -> str:
@@ -52,6 +55,15 @@ class _Default:
 DEFAULT: Any = _Default()
 _COPY_THRESHOLD = 1 << 16
 _DEQUEUE_OPS = ("dequeue", "dequeue_many", "dequeue_up_to")
+
+
+def _send_nowait(sock: zmq.Socket, frames: list[Any]) -> bool:
+    """Send without blocking (a socket whose connection dropped would block forever)."""
+    try:
+        zmq.Socket.send_multipart(sock, frames, flags=zmq.NOBLOCK, copy=True)
+        return True
+    except zmq.Again:
+        return False
 
 
 def _grace(timeout: float) -> float:
@@ -71,6 +83,7 @@ class _ClientBase:
         # Until the host tells us its limit (in every spec reply), check against ours.
         self.max_message_size = int(max_message_size or env.max_message_size)
         self._host_limit: int | None = None
+        self._inproc = self.address.startswith("inproc://")
         self._ids = itertools.count(1)
         self._closed = False
 
@@ -91,6 +104,8 @@ class _ClientBase:
         req_id = next(self._ids)
         header = {"op": op, "id": req_id}
         header.update(fields)
+        if op in _DEQUEUE_OPS:
+            header["max_reply"] = self.max_message_size  # larger replies come back as an error
         frames = wire.encode(header, arrays)
         size = wire.frames_nbytes(frames) if arrays else len(frames[0])
         limit = self._host_limit or self.max_message_size
@@ -98,7 +113,9 @@ class _ClientBase:
             raise MessageTooLargeError(
                 f"queue {fields.get('queue')!r}: {op} message of {size} bytes exceeds the queue host's "
                 f"maximum message size of {limit} bytes (QueueServer(max_message_size=...))")
-        return req_id, frames, size < _COPY_THRESHOLD
+        # NOTE: over inproc a zero-copy send would let the queued item share memory
+        # with the caller's array (same process), so inproc always copies.
+        return req_id, frames, size < _COPY_THRESHOLD or self._inproc
 
     def _result(self, header: dict[str, Any]) -> dict[str, Any]:
         if "error" in header:
@@ -194,7 +211,7 @@ class Client(_ClientBase):
         super().__init__(address, timeout, liveness, max_message_size)
         self._ctx = context or default_context()
         self._local = threading.local()
-        self._sockets: list[zmq.Socket] = []
+        self._sockets: list[tuple[threading.Thread, zmq.Socket]] = []
         self._lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------
@@ -203,7 +220,7 @@ class Client(_ClientBase):
         """Close every socket of this client. Calls made afterwards raise ``RuntimeError``."""
         with self._lock:
             self._closed = True
-            for s in self._sockets:
+            for _, s in self._sockets:
                 s.close(0)
             self._sockets.clear()
 
@@ -219,8 +236,17 @@ class Client(_ClientBase):
         if sock is None or sock.closed:
             with self._lock:
                 self._check_open()
+                # Sockets of threads that have ended are closed here, so a program
+                # that calls from many short-lived threads does not leak them.
+                alive = []
+                for t, s in self._sockets:
+                    if t.is_alive():
+                        alive.append((t, s))
+                    else:
+                        s.close(0)
                 sock = connect_dealer(self._ctx, self.address, 2 * self.max_message_size)
-                self._sockets.append(sock)
+                alive.append((threading.current_thread(), sock))
+                self._sockets = alive
             state["sock"] = sock
             state["abandoned"] = {}
         return sock
@@ -258,13 +284,13 @@ class Client(_ClientBase):
                 self._abandon(sock, req_id, op, fields.get("queue"))
                 raise self._no_reply(op, fields.get("queue"), now - last_rx, liveness=True)
             if not pinged and now - last_rx >= beat:
-                sock.send(wire.encode({"op": "ping", "id": next(self._ids)})[0])
+                _send_nowait(sock, [wire.encode({"op": "ping", "id": next(self._ids)})[0]])
                 pinged = True
 
     def _abandon(self, sock: zmq.Socket, req_id: int, op: str, queue: Any) -> None:
         self._local.abandoned[req_id] = (op, queue)
         if op in _DEQUEUE_OPS or op in ("enqueue", "enqueue_many"):
-            sock.send(wire.encode({"op": "cancel", "id": next(self._ids), "target": req_id})[0])
+            _send_nowait(sock, [wire.encode({"op": "cancel", "id": next(self._ids), "target": req_id})[0]])
 
     def _late_reply(self, sock: zmq.Socket, what: tuple[str, Any], header: dict[str, Any],
                     arrays: list[np.ndarray]) -> None:
@@ -272,7 +298,7 @@ class Client(_ClientBase):
         if op in _DEQUEUE_OPS and header.get("ok") and arrays:
             rows = self._rows_for_put_back(op, arrays)
             frames = wire.encode({"op": "put_back", "id": next(self._ids), "queue": queue}, rows)
-            sock.send_multipart(frames, copy=False)
+            _send_nowait(sock, frames)
 
     # -- declarations -------------------------------------------------------------------
 
@@ -452,17 +478,50 @@ class AsyncClient(_ClientBase):
         """Close the socket; waiting calls fail with ``RuntimeError``."""
         self.close()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 2.0) -> None:
+        """Close the socket; calls still waiting fail with ``RuntimeError``.
+
+        Requests still waiting on the host are withdrawn first (cancel, then
+        up to ``timeout`` seconds for the host's answers; rows that were
+        already on their way are sent back), so closing loses no item.
+        """
         if self._closed:
             return
         self._closed = True
         if self._reader is not None:
             self._reader.cancel()
-        for fut, _, _ in self._pending.values():
+        pending = dict(self._pending)
+        self._pending.clear()
+        for fut, _, _ in pending.values():
             if not fut.done():
                 fut.set_exception(RuntimeError(f"AsyncClient for {self.address} was closed"))
-        self._pending.clear()
+        waiting = {rid: (op, q) for rid, (_, op, q) in pending.items() if op in _DEQUEUE_OPS}
+        if waiting:
+            self._withdraw(waiting, timeout)
         self._sock.close(0)
+
+    def _withdraw(self, waiting: dict[int, tuple[str, Any]], timeout: float) -> None:
+        # A blocking view of the same socket: the reader task is gone, and the
+        # host routes replies by this socket's identity.
+        sock = zmq.Socket.shadow(self._sock.underlying)
+        for rid in waiting:
+            _send_nowait(sock, [wire.encode({"op": "cancel", "id": next(self._ids), "target": rid})[0]])
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            if not sock.poll(max(1, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
+                break
+            try:
+                header, arrays = wire.decode(sock.recv_multipart(copy=False), None)
+            except QueueError:
+                continue
+            what = waiting.pop(header.get("id"), None)
+            if what is not None and header.get("ok") and arrays:
+                rows = self._rows_for_put_back(what[0], arrays)
+                _send_nowait(sock, wire.encode({"op": "put_back", "id": next(self._ids), "queue": what[1]}, rows))
+        if waiting:
+            log.warning("AsyncClient for %s closed with %d request(s) the host did not confirm withdrawn",
+                        self.address, len(waiting))
+        sock.setsockopt(zmq.LINGER, int(timeout * 1000))  # let the put_backs go out
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -516,7 +575,7 @@ class AsyncClient(_ClientBase):
     def _forget(self, rid: int, op: str, queue: Any) -> None:
         self._abandoned[rid] = (op, queue)
         if op in _DEQUEUE_OPS or op in ("enqueue", "enqueue_many"):
-            self._sock.send(wire.encode({"op": "cancel", "id": next(self._ids), "target": rid})[0])
+            _send_nowait(self._sock, [wire.encode({"op": "cancel", "id": next(self._ids), "target": rid})[0]])
 
     async def _call(self, op: str, fields: dict[str, Any], arrays: Sequence[np.ndarray] = (),
                     timeout: float | None = None) -> tuple[dict[str, Any], list[np.ndarray]]:

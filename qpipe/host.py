@@ -39,13 +39,14 @@ from .errors import (
     DeadlineExceededError,
     InternalError,
     InvalidArgumentError,
+    MessageTooLargeError,
     NotFoundError,
     ProtocolError,
     QueueError,
     UnavailableError,
 )
 from .queues import DequeueRequest, EnqueueRequest, Queue, make_queue
-from .spec import QueueSpec, _compatible, _shape_str
+from .spec import QueueSpec, _compatible, _shape_str, batch_nbytes
 from .transport import bind_router, default_context
 from .xp import settings
 
@@ -59,7 +60,7 @@ _Req = EnqueueRequest | DequeueRequest
 class _Token:
     """Who is waiting for a request's reply, and its deadline timer."""
 
-    __slots__ = ("ident", "req_id", "queue", "timer", "op")
+    __slots__ = ("ident", "req_id", "queue", "timer", "op", "max_reply")
 
     def __init__(self, ident: bytes, req_id: Any, queue: Queue, op: str) -> None:
         self.ident = ident
@@ -67,6 +68,7 @@ class _Token:
         self.queue = queue
         self.timer: asyncio.TimerHandle | None = None
         self.op = op
+        self.max_reply: int | None = None
 
 
 class QueueHost:
@@ -173,6 +175,9 @@ class QueueHost:
         try:
             header, arrays = wire.decode(frames[1:], self.max_message_size)
             req_id = header.get("id")
+            if req_id is not None and (isinstance(req_id, bool) or not isinstance(req_id, (int, str))):
+                bad, req_id = req_id, None
+                raise ProtocolError(f"request id must be an integer or a string, got {type(bad).__name__}")
             op = header.get("op")
             handler = self._ops.get(op) if isinstance(op, str) else None
             if handler is None:
@@ -242,12 +247,18 @@ class QueueHost:
         q = self._queue(header)
         op = header["op"]
         timeout = self._timeout(header)
+        block = self._block(q, op, arrays, op == "enqueue_many")
+        req = EnqueueRequest(block, None, op)
+        self._submit(ident, req_id, q, req, timeout, q.enqueue)
+
+    @staticmethod
+    def _block(q: Queue, op: str, arrays: list[np.ndarray], many: bool) -> list[np.ndarray]:
+        """Check a peer's arrays against the queue's spec; return them as a block of rows."""
         spec = q.spec
         if len(arrays) != spec.arity:
             raise InvalidArgumentError(
                 f"queue {q.name!r}: {op} got {len(arrays)} components, the queue takes {spec.arity}")
         dts = q.np_dtypes
-        many = op == "enqueue_many"
         n = None
         block = []
         for c, a in enumerate(arrays):
@@ -272,8 +283,7 @@ class QueueHost:
                     f"queue {q.name!r}: component {c} has shape {_shape_str(row)}, the queue expects "
                     f"{_shape_str(spec.shape(c))}")
             block.append(a)
-        req = EnqueueRequest(block, None, op)
-        self._submit(ident, req_id, q, req, timeout, q.enqueue)
+        return block
 
     def _dequeue(self, ident: bytes, req_id: Any, header: dict[str, Any], arrays: list[Any]) -> None:
         q = self._queue(header)
@@ -286,11 +296,15 @@ class QueueHost:
             if isinstance(n, bool) or not isinstance(n, int):
                 raise InvalidArgumentError(f"queue {q.name!r}: {op} needs an integer n, got {n!r}")
             req = DequeueRequest(n, up_to=op == "dequeue_up_to")
-        self._submit(ident, req_id, q, req, timeout, q.dequeue)
+        limit = header.get("max_reply")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise InvalidArgumentError(f"max_reply must be a positive integer, got {limit!r}")
+        self._submit(ident, req_id, q, req, timeout, q.dequeue, limit)
 
     def _submit(self, ident: bytes, req_id: Any, q: Queue, req: _Req, timeout: float | None,
-                step: Callable[[Any], list]) -> None:
+                step: Callable[[Any], list], max_reply: int | None = None) -> None:
         token = _Token(ident, req_id, q, req.op)
+        token.max_reply = max_reply
         req.token = token
         done = step(req)
         waiting = True
@@ -335,6 +349,14 @@ class QueueHost:
                     self._error(token.ident, token.req_id, outcome)
                 elif isinstance(req, EnqueueRequest):
                     self._send(token.ident, {"id": token.req_id, "ok": True, "n": outcome})
+                elif token.max_reply is not None and batch_nbytes(outcome) + 4096 > token.max_reply:
+                    # The client could not receive it (ZeroMQ would drop the connection
+                    # and the rows with it): refuse, and keep the rows.
+                    rows = [a.reshape((1, *a.shape)) for a in outcome] if req.op == "dequeue" else outcome
+                    more += q.put_back(rows)
+                    self._error(token.ident, token.req_id, MessageTooLargeError(
+                        f"queue {q.name!r}: the {req.op} reply would be {batch_nbytes(outcome)} bytes, more than "
+                        f"this client accepts ({token.max_reply}); the rows stay in the queue"))
                 else:
                     try:
                         sent = self._send(token.ident, {"id": token.req_id, "ok": True}, outcome)
@@ -375,16 +397,13 @@ class QueueHost:
 
     def _put_back(self, ident: bytes, req_id: Any, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
         # Rows a client received for a request it had already abandoned.
+        # NOTE: put_back restores rows that were in the queue, so it ignores
+        # capacity and closing, as the in-host put-back of an undeliverable reply does.
         q = self._queue(header)
-        dts = q.np_dtypes
-        if len(arrays) != q.spec.arity or any(a.ndim == 0 or a.dtype != dts[c] for c, a in enumerate(arrays)):
-            raise InvalidArgumentError(f"queue {q.name!r}: put_back rows do not match the queue's spec")
-        n = arrays[0].shape[0]
-        if any(a.shape[0] != n for a in arrays):
-            raise InvalidArgumentError(f"queue {q.name!r}: put_back components disagree on the row count")
+        block = self._block(q, "put_back", arrays, True)
         self._send(ident, {"id": req_id, "ok": True})
-        if n:
-            self._deliver(q, q.put_back(arrays))
+        if block[0].shape[0]:
+            self._deliver(q, q.put_back(block))
 
     def _writer_done(self, ident: bytes, req_id: Any, header: dict[str, Any], arrays: list[Any]) -> None:
         q = self._queue(header)
