@@ -106,7 +106,8 @@ __all__ = [
 
 #: Node kinds that ship with qpipe; each is the module ``nodes/<kind>.py`` with a ``main(argv)``.
 BUILTIN_KINDS = (
-    "reader", "feeder", "trainer", "ps", "evaluator", "predictor", "model_slice", "aggregator", "consumer",
+    "reader", "feeder", "trainer", "ps", "evaluator", "solo_trainer", "leaderboard", "predictor",
+    "model_slice", "aggregator", "consumer",
 )
 #: Queue kinds: TensorFlow's FIFOQueue, RandomShuffleQueue and PaddingFIFOQueue.
 QUEUE_KINDS = ("fifo", "shuffle", "padding")
@@ -701,6 +702,8 @@ KIND_PARAMS: Mapping[str, Mapping[str, Param] | None] = types.MappingProxyType({
     # TODO: schemas for these kinds come with their nodes; until then params are free-form
     # (the dtypes/shapes hints are still checked).
     "feeder": None,
+    "solo_trainer": None,
+    "leaderboard": None,
     "predictor": None,
     "model_slice": None,
     "aggregator": None,
