@@ -34,7 +34,6 @@ from qpipe.xp import array_module
 def run(ctx: NodeContext) -> None:
     p = ctx.params
     xp = array_module(ctx.node.device)
-    ctx.log.info("arrays on %s", "GPU (CuPy)" if xp is not np else "CPU (NumPy)")
     source = ctx.inputs()[0]
     pc = ParameterClient(ctx.service_addresses(p["ps"]), ctx.name, wire_dtype=p.get("wire_dtype", "float32"),
                          timeout=ctx.timeout)

@@ -45,6 +45,7 @@ from .coordinator import Coordinator
 from .errors import QueueError
 from .spec import QueueSpec
 from .topology import NodeSpec, Topology, load
+from .xp import array_module, describe
 
 __all__ = ["NodeContext", "queue_host_addresses", "run_node"]
 
@@ -273,6 +274,7 @@ def run_node(topology: Topology | str | Path, node_name: str, replica: int = 0,
         fn = resolve_entry(node)
         log.info("starting %s (kind %s, replica %d of %d, pid %d)", ctx.name, node.kind, replica,
                  node.replicas, os.getpid())
+        log.info("device: %s requested, arrays on %s", node.device, describe(array_module(node.device)))
         t0 = time.monotonic()
         fn(ctx)
         ctx.finish_writing()

@@ -13,6 +13,7 @@ QPIPE_LIVENESS             10          seconds without any answer from a queue h
 QPIPE_TIMEOUT              (none)      default timeout in seconds for every blocking
                                        client call (a node's default timeout)
 QPIPE_DEVICE               cpu         ``gpu`` to place arrays with CuPy when possible
+QPIPE_GPU_MEMORY_FRACTION  (none)      share of the GPU's memory CuPy's pool may use
 =========================  ==========  ===============================================
 
 :func:`array_module` returns ``cupy`` when a GPU is asked for and usable and
@@ -28,7 +29,7 @@ from types import ModuleType
 
 import numpy
 
-__all__ = ["Settings", "array_module", "settings"]
+__all__ = ["Settings", "array_module", "describe", "settings"]
 
 log = logging.getLogger("qpipe.xp")
 
@@ -72,6 +73,7 @@ class Settings:
     liveness: float
     timeout: float | None
     device: str
+    gpu_memory_fraction: float | None
 
 
 def settings() -> Settings:
@@ -81,6 +83,7 @@ def settings() -> Settings:
         liveness=_env_float("QPIPE_LIVENESS", 10.0) or 10.0,
         timeout=_env_float("QPIPE_TIMEOUT", None),
         device=os.environ.get("QPIPE_DEVICE", "cpu") or "cpu",
+        gpu_memory_fraction=_env_float("QPIPE_GPU_MEMORY_FRACTION", None),
     )
 
 
@@ -109,4 +112,16 @@ def array_module(device: str | None = None) -> ModuleType:
             _warned.add(reason)
             log.warning("device 'gpu' requested but CuPy is unusable (%s); falling back to NumPy", reason)
         return numpy
+    fraction = settings().gpu_memory_fraction
+    if fraction is not None and "limit" not in _warned:
+        _warned.add("limit")
+        cupy.get_default_memory_pool().set_limit(fraction=min(1.0, fraction))
+        log.info("CuPy memory pool limited to %.0f%% of the GPU's memory", 100 * fraction)
     return cupy
+
+
+def describe(xp: ModuleType) -> str:
+    """Where arrays of ``xp`` live, for a node's log: ``"CPU (NumPy)"`` or ``"GPU 0 (CuPy)"``."""
+    if xp is numpy:
+        return "CPU (NumPy)"
+    return f"GPU {xp.cuda.runtime.getDevice()} (CuPy, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')})"
