@@ -23,6 +23,7 @@ with ``--resume`` the shard restarts from the newest one.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -59,6 +60,11 @@ def run(ctx: NodeContext) -> None:
                        replicas_to_aggregate=int(p.get("replicas_to_aggregate", 1)),
                        staleness=p.get("staleness", "none"), max_staleness=int(p.get("max_staleness", 0)))
     ckpt_dir = ctx.run_dir / "checkpoints" / f"{ctx.node.name}-{ctx.replica}"
+    if not ctx.resume and latest_checkpoint(ckpt_dir) is not None:
+        # A fresh run in a used run directory: keep the old checkpoints, out of the way.
+        aside = ckpt_dir.with_name(f"{ckpt_dir.name}.old-{int(time.time())}")
+        ckpt_dir.rename(aside)
+        ctx.log.warning("not resuming: moved the earlier checkpoints to %s", aside)
     if ctx.resume:
         last = latest_checkpoint(ckpt_dir)
         if last is None:

@@ -352,7 +352,7 @@ class Launcher:
     def run(self) -> int:
         """Run the pipeline to completion; returns the process exit status."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8", buffering=1)
         self._t0 = time.monotonic()
         started_at = time.time()
         status, failed, message = "completed", None, ""

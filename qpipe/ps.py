@@ -22,7 +22,7 @@ Modes (:class:`ShardState`):
 * **async** — every gradient is applied when it arrives; its *staleness* is
   the number of updates since the version it was computed on. Policies:
   ``none`` (apply), ``drop`` (drop above ``max_staleness``), ``scale``
-  (multiply by ``1 / (1 + staleness)``).
+  (the step's learning rate times ``1 / (1 + staleness)``).
 
 Variables are placed on shards by :func:`assign_shards`: greedy by size
 (largest first onto the least-loaded shard, TensorFlow's
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -49,7 +50,15 @@ import numpy as np
 import zmq
 
 from . import kernels, wire
-from .errors import DeadlineExceededError, InvalidArgumentError, QueueError, UnavailableError, error_from_code
+from .errors import (
+    DeadlineExceededError,
+    InternalError,
+    InvalidArgumentError,
+    NoReplyError,
+    QueueError,
+    UnavailableError,
+    error_from_code,
+)
 from .transport import bind_router, check_address, connect_dealer, default_context
 
 __all__ = [
@@ -99,10 +108,15 @@ def to_wire(a: np.ndarray, wire_dtype: str) -> np.ndarray:
     if wire_dtype == "float16":
         return a.astype(np.float16)
     if wire_dtype == "bfloat16":
-        bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-        # round to nearest even on the dropped 16 bits
+        f = np.ascontiguousarray(a, dtype=np.float32)
+        bits = f.view(np.uint32)
+        # round to nearest even on the dropped 16 bits; NaNs stay NaN (rounding could carry them to inf)
         rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
-        return (rounded >> np.uint32(16)).astype(np.uint16)
+        out = (rounded >> np.uint32(16)).astype(np.uint16)
+        nan = np.isnan(f)
+        if nan.any():
+            out[nan] = (bits[nan] >> np.uint32(16)).astype(np.uint16) | np.uint16(0x0040)
+        return out
     raise InvalidArgumentError(f"wire dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
 
 
@@ -123,8 +137,15 @@ class Optimizer:
                  beta2: float = 0.999, eps: float = 1e-8, nesterov: bool = False) -> None:
         if kind not in ("sgd", "momentum", "adam"):
             raise InvalidArgumentError(f"optimizer must be 'sgd', 'momentum' or 'adam', got {kind!r}")
-        if not lr > 0:
-            raise InvalidArgumentError(f"learning rate must be > 0, got {lr!r}")
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise InvalidArgumentError(f"learning rate must be a finite number > 0, got {lr!r}")
+        for name, value in (("beta1", beta1), ("beta2", beta2)):
+            if not 0 <= value < 1:
+                raise InvalidArgumentError(f"{name} must be in [0, 1), got {value!r}")
+        if not eps > 0:
+            raise InvalidArgumentError(f"eps must be > 0, got {eps!r}")
+        if not momentum >= 0:
+            raise InvalidArgumentError(f"momentum must be >= 0, got {momentum!r}")
         self.kind, self.lr, self.momentum, self.nesterov = kind, float(lr), float(momentum), nesterov
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
         self.slots: dict[str, dict[str, np.ndarray]] = {}
@@ -228,9 +249,11 @@ class ShardState:
                 raise InvalidArgumentError(
                     f"push from {trainer}: gradient {n!r} has shape {list(g.shape)}, the parameter "
                     f"{list(self.params[n].shape)}")
-        if version > self.version:
+        if version > self.version or version < 0:
             raise InvalidArgumentError(
-                f"push from {trainer}: version {version} is ahead of the shard's {self.version}")
+                f"push from {trainer}: version {version} is outside the shard's versions 0..{self.version}")
+        grads = {n: g if g.dtype == self.params[n].dtype else g.astype(self.params[n].dtype)
+                 for n, g in grads.items()}
         self.counters["pushes"] += 1
         staleness = self.version - version
         self.staleness_hist[staleness] = self.staleness_hist.get(staleness, 0) + 1
@@ -295,22 +318,30 @@ def save_checkpoint(directory: str | Path, state: ShardState, meta: Mapping[str,
         np.savez(f, **arrays)
     os.replace(tmp, stem.with_suffix(".npz"))
     info = {"version": state.version, "optimizer_steps": state.optimizer.steps, "mode": state.mode,
+            "optimizer": state.optimizer.kind,
             "params": {n: [str(a.dtype), list(a.shape)] for n, a in state.params.items()},
             "counters": state.counters, "time": time.time(), **(meta or {})}
     tmpj = stem.with_suffix(".json.tmp")
     tmpj.write_text(json.dumps(info, indent=1))
     os.replace(tmpj, stem.with_suffix(".json"))
-    done = sorted(d.glob("ckpt-*.json"))
-    for old in done[:-keep] if keep > 0 else []:
+    others = sorted((j for j in d.glob("ckpt-*.json") if j != stem.with_suffix(".json")), key=_version_of)
+    for old in others[: max(0, len(others) - (keep - 1))] if keep > 0 else []:
         old.unlink(missing_ok=True)
         old.with_suffix(".npz").unlink(missing_ok=True)
     return stem.with_suffix(".npz")
 
 
+def _version_of(p: Path) -> int:
+    try:
+        return int(p.stem.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
 def latest_checkpoint(directory: str | Path) -> Path | None:
     """The newest complete checkpoint (its ``.npz``) in ``directory``, or None."""
     d = Path(directory)
-    for j in sorted(d.glob("ckpt-*.json"), reverse=True):
+    for j in sorted(d.glob("ckpt-*.json"), key=_version_of, reverse=True):
         if j.with_suffix(".npz").exists():
             return j.with_suffix(".npz")
     return None
@@ -320,20 +351,25 @@ def load_checkpoint(path: str | Path, state: ShardState) -> dict[str, Any]:
     """Restore ``state`` (params, optimizer slots, version) from a checkpoint; returns its metadata."""
     path = Path(path)
     info = json.loads(path.with_suffix(".json").read_text())
+    kind = info.get("optimizer", state.optimizer.kind)
+    if kind != state.optimizer.kind:
+        raise InvalidArgumentError(
+            f"checkpoint {path} was written by a {kind!r} optimizer, this shard uses {state.optimizer.kind!r}")
     with np.load(path, allow_pickle=False) as z:
         names = {k[len("param:"):] for k in z.files if k.startswith("param:")}
         if names != set(state.params):
             raise InvalidArgumentError(
                 f"checkpoint {path} holds parameters {sorted(names)}, this shard has {sorted(state.params)}")
-        for n in names:
-            a = z[f"param:{n}"]
+        loaded = {n: z[f"param:{n}"] for n in names}
+        for n, a in loaded.items():  # check everything before changing anything
             if a.shape != state.params[n].shape:
                 raise InvalidArgumentError(
                     f"checkpoint {path}: parameter {n!r} has shape {list(a.shape)}, expected "
                     f"{list(state.params[n].shape)}")
+        slots = {k[len("slot:"):]: z[k] for k in z.files if k.startswith("slot:")}
+        for n, a in loaded.items():
             state.params[n][...] = a
-        state.optimizer.load_state({k[len("slot:"):]: z[k] for k in z.files if k.startswith("slot:")},
-                                   int(info.get("optimizer_steps", 0)))
+        state.optimizer.load_state(slots, int(info.get("optimizer_steps", 0)))
     state.version = int(info["version"])
     return info
 
@@ -372,7 +408,8 @@ class ParameterServer:
         self.checkpoint_every_secs = checkpoint_every_secs
         self.max_message_size = max_message_size
         self.sock, self.address = bind_router(context or default_context(), address, 2 * max_message_size)
-        self._pulls: list[tuple[int, float | None, bytes, Any, str]] = []  # (min_version, deadline, ident, id, wire)
+        # waiting pulls: (min_version, deadline, ident, id, wire dtype, client)
+        self._pulls: list[tuple[int, float | None, bytes, Any, str, Any]] = []
         self._clients: dict[str, float] = {}  # name -> last seen
         self._left: set[str] = set()
         self._gone: set[str] = set()
@@ -416,7 +453,7 @@ class ParameterServer:
                 self._reap(time.monotonic())
                 self._maybe_checkpoint()
         finally:
-            for _, _, ident, rid, _ in self._pulls:
+            for _, _, ident, rid, *_ in self._pulls:
                 self._send(ident, wire.error_header(rid, UnavailableError("parameter server is stopping")))
             self._pulls.clear()
             if self.checkpoint_dir is not None:
@@ -446,7 +483,10 @@ class ParameterServer:
             client = header.get("client")
             if isinstance(client, str):
                 self._clients[client] = time.monotonic()
-                self._gone.discard(client)
+                if client in self._gone:  # it was only slow: count it again
+                    self._gone.discard(client)
+                    if self._roles.get(client) == "trainer" and op != "bye":
+                        self.state.hello(client)
             if op == "pull":
                 self._pull(ident, rid, header)
             elif op == "push":
@@ -472,6 +512,12 @@ class ParameterServer:
                 raise InvalidArgumentError(f"parameter server: unknown op {op!r}")
         except QueueError as e:
             self._send(ident, wire.error_header(rid, e))
+        except (TypeError, ValueError, KeyError) as e:  # malformed fields from a peer
+            self._send(ident, wire.error_header(rid, InvalidArgumentError(
+                f"parameter server: malformed request ({type(e).__name__}: {e})")))
+        except Exception as e:  # a bug: answer, log, keep serving
+            log.exception("parameter server failed on a request")
+            self._send(ident, wire.error_header(rid, InternalError(f"parameter server failed: {e!r}")))
 
     def _shard_info(self) -> dict[str, Any]:
         return {"version": self.state.version, "mode": self.state.mode, "meta": self.meta,
@@ -479,15 +525,19 @@ class ParameterServer:
 
     def _pull(self, ident: bytes, rid: Any, header: dict[str, Any]) -> None:
         mv = header.get("min_version", 0)
+        if isinstance(mv, bool) or not isinstance(mv, int):
+            raise InvalidArgumentError(f"pull: min_version must be an integer, got {mv!r}")
+        t = header.get("timeout")
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t != t or t < 0):
+            raise InvalidArgumentError(f"pull: timeout must be a number of seconds >= 0 or None, got {t!r}")
         wd = header.get("wire_dtype", "float32")
         if wd not in WIRE_DTYPES:
             raise InvalidArgumentError(f"pull: wire_dtype must be one of {WIRE_DTYPES}, got {wd!r}")
         if self.state.version >= mv or self.training_done():
             self._reply_params(ident, rid, wd)
             return
-        t = header.get("timeout")
         deadline = None if t is None else time.monotonic() + float(t)
-        self._pulls.append((int(mv), deadline, ident, rid, wd))
+        self._pulls.append((int(mv), deadline, ident, rid, wd, header.get("client")))
 
     def _reply_params(self, ident: bytes, rid: Any, wd: str) -> None:
         names = list(self.state.params)
@@ -506,8 +556,11 @@ class ParameterServer:
             if p is None:
                 raise InvalidArgumentError(f"push: parameter {n!r} is not on this shard")
             grads[n] = from_wire(a, wd, p.dtype)
+        version = header.get("version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise InvalidArgumentError(f"push: version must be an integer, got {version!r}")
         before = self.state.version
-        out = self.state.push(str(header.get("client")), int(header.get("version", -1)), grads)
+        out = self.state.push(str(header.get("client")), version, grads)
         self._send(ident, {"id": rid, "ok": True, **out})
         if self.state.version != before:
             self._wake()
@@ -524,17 +577,21 @@ class ParameterServer:
 
     def _expire(self, now: float) -> None:
         keep = []
-        for mv, d, ident, rid, wd in self._pulls:
+        for entry in self._pulls:
+            mv, d, ident, rid = entry[:4]
             if d is not None and now >= d:
                 self._send(ident, wire.error_header(rid, DeadlineExceededError(
                     f"pull of version {mv} timed out; the shard is at version {self.state.version}")))
             else:
-                keep.append((mv, d, ident, rid, wd))
+                keep.append(entry)
         self._pulls = keep
 
     def _reap(self, now: float) -> None:
+        waiting = {entry[5] for entry in self._pulls}  # a client waiting on us is not silent
         for c, seen in list(self._clients.items()):
-            if now - seen > self.client_timeout:
+            if c in waiting:
+                self._clients[c] = now
+            elif now - seen > self.client_timeout:
                 log.warning("client %s silent for %.0f s: counted as gone", c, now - seen)
                 self._gone.add(c)
                 del self._clients[c]
@@ -627,7 +684,8 @@ class ParameterClient:
     def pull(self, min_versions: Sequence[int] | int = 0, timeout: Any = "default") -> dict[str, np.ndarray]:
         """All parameters, once every shard reaches its minimum version (blocks until then)."""
         t = self.timeout if timeout == "default" else timeout
-        mvs = [min_versions] * len(self._socks) if isinstance(min_versions, int) else list(min_versions)
+        mvs = ([int(min_versions)] * len(self._socks) if isinstance(min_versions, (int, np.integer))
+               else [int(v) for v in min_versions])
         headers = [{"op": "pull", "min_version": mvs[j], "timeout": t, "wire_dtype": self.wire_dtype}
                    for j in range(len(self._socks))]
         replies = self._collect(self._send_all(headers), t)
@@ -651,7 +709,7 @@ class ParameterClient:
             ready = dict(poller.poll(wait))
             if not ready and guard is not None and time.monotonic() >= guard:
                 missing = [self.addresses[j] for j, o in enumerate(out) if o is None]
-                raise UnavailableError(f"{self.name}: no reply from parameter server(s) {missing} within {timeout} s")
+                raise NoReplyError(f"{self.name}: no reply from parameter server(s) {missing} within {timeout} s")
             for j, s in enumerate(self._socks):
                 if s in ready:
                     frames = s.recv_multipart(copy=False)
