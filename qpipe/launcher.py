@@ -496,12 +496,15 @@ class Launcher:
             "results": self.results,
         }
         # Results of single-replica nodes (e.g. the evaluator's test_accuracy) are
-        # also at the top level; per-replica results stay under "results".
+        # also at the top level, unless two nodes report the same key (then only
+        # under "results", so no node's value silently hides another's).
+        owners = collections.Counter(k for who, values in self.results.items() if "/" not in who for k in values)
         for who, values in self.results.items():
             if "/" in who:
                 continue
             for k, v in values.items():
-                summary.setdefault(k, v)
+                if owners[k] == 1:
+                    summary.setdefault(k, v)
         return summary
 
     def _print_summary(self, s: dict[str, Any]) -> None:

@@ -630,6 +630,25 @@ _HINTS = {
     "shapes": Param("list", doc="shapes it expects, -1 for any size"),
 }
 
+_CSV_DATA = {
+    "components": Param("table_list", required=True, doc="how a row becomes (features, label), as for reader"),
+    "header": Param("bool", doc="the CSV files' first line names the columns (default true)"),
+    "delimiter": Param("str", doc="CSV field separator (default \",\")"),
+}
+# NOTE: no defaults here: nodes/solo_trainer.py's DEFAULTS fill what a config leaves out, for
+# the solo_trainer and for a predictor's params.train alike.
+_HYPERPARAMS = {
+    "lr": Param("number", doc="learning rate (default 0.5)"),
+    "hidden": Param("int_list", doc="hidden layer widths (default [128])"),
+    "batch_size": Param("int", min=1, doc="items per training step (default 32)"),
+    "epochs": Param("int", min=1, doc="passes over the training files (default 20)"),
+    "seed": Param("int", min=0, doc="initialisation and shuffling seed (default 0)"),
+    "optimizer": Param("str", choices=("sgd", "momentum", "adam"), doc="update rule (default sgd)"),
+    "momentum": Param("number", doc="momentum coefficient (default 0.9)"),
+    "l2": Param("number", doc="weight decay on the weight matrices (default 0)"),
+    "input_scale": Param("number", doc="factor applied to the inputs (default 1)"),
+}
+
 #: Per built-in kind: param name -> :class:`Param`; ``None`` means free-form params.
 #: ``dtypes``/``shapes`` hints are reserved and checked for every kind except reader.
 KIND_PARAMS: Mapping[str, Mapping[str, Param] | None] = types.MappingProxyType({
@@ -699,14 +718,81 @@ KIND_PARAMS: Mapping[str, Mapping[str, Param] | None] = types.MappingProxyType({
         "header": Param("bool", default=True, doc="the first line names the columns"),
         "delimiter": Param("str", default=",", doc="field separator"),
     }),
-    # TODO: schemas for these kinds come with their nodes; until then params are free-form
-    # (the dtypes/shapes hints are still checked).
-    "feeder": None,
-    "solo_trainer": None,
-    "leaderboard": None,
-    "predictor": None,
-    "model_slice": None,
-    "aggregator": None,
+    "feeder": types.MappingProxyType({
+        # NOTE: files and components are checked by the node, not here: the item check below
+        # (_check_items) still describes a feeder that copies queue items unchanged.
+        "files": Param("str_or_str_list", doc="CSV files or glob patterns, read in order"),
+        "components": Param("table_list", doc="how a row becomes (features, label), as for reader"),
+        "header": _CSV_DATA["header"],
+        "delimiter": _CSV_DATA["delimiter"],
+        "labels_queue": Param("str", doc="the queue in writes that gets (id, label) instead of (id, features)"),
+        "rate": Param("number", doc="requests per second (default: as fast as the queues take them)"),
+        "limit": Param("int", min=0, doc="send at most this many requests (default: every row)"),
+        "first_id": Param("int", min=0, default=0, doc="id of the first request"),
+        "stall_timeout": Param("number_or_inf", doc="seconds before a full member queue counts as stalled "
+                                                    "(default: the node's timeout)"),
+    }),
+    "solo_trainer": types.MappingProxyType({
+        "train": Param("str_or_str_list", required=True, doc="training CSV files or glob patterns"),
+        "validation": Param("str", required=True, doc="CSV file scored after every epoch; the ranking uses it"),
+        "test": Param("str", doc="CSV file scored at the end, for information"),
+        **_CSV_DATA,
+        "configs": Param("table_list", doc="one table of hyperparameters per replica"),
+        "grid": Param("table", doc="lists of values per hyperparameter; replica i takes the i-th combination"),
+        **_HYPERPARAMS,
+    }),
+    "leaderboard": types.MappingProxyType({
+        "top_k": Param("int", min=1, default=3, doc="how many of the best models the summary names"),
+        **_HINTS,
+    }),
+    "predictor": types.MappingProxyType({
+        "model": Param("str", doc="a model directory written by save_model (solo_trainer, evaluator)"),
+        "train": Param("table", doc="train a model at start: data keys and hyperparameters as for solo_trainer"),
+        "batch_size": Param("int", min=1, default=1, doc="most requests answered together"),
+        "input_scale": Param("number", doc="factor applied to the inputs (default: the model's own)"),
+        "delay_ms": Param("number", min=0, default=0.0, doc="injected latency per request (tests, benchmarks)"),
+        "fail_after": Param("int", min=0, doc="crash (exit status 1) after answering this many requests"),
+        "reply_timeout": Param("number", min=0, default=1.0,
+                               doc="seconds an answer may wait for room in a reply_to queue"),
+        **_HINTS,
+    }),
+    "model_slice": types.MappingProxyType({
+        # NOTE: no defaults here: a slice takes its model from the driver and must not set these.
+        "role": Param("str", required=True, choices=("driver", "slice"),
+                      doc="driver (feeds the slices, computes the loss, reports) or slice (K replicas)"),
+        "slices": Param("str", doc="driver: name of the slice node (its replicas are the K slices)"),
+        "driver": Param("str", doc="slice: name of the driver node, whose params describe the model"),
+        "inbox": Param("str", doc="driver: the queue in its reads that slices send to"),
+        "scheme": Param("str", choices=("vertical", "pipeline", "blocks"), doc="how the model is split"),
+        "layers": Param("int_list", doc="MLP layer sizes, inputs first, classes last"),
+        "micro_batches": Param("int", min=1, doc="pipeline: micro-batches per step (default 4)"),
+        "stages": Param("int_list", doc="pipeline: layers per stage (default: balanced by parameter count)"),
+        "batch_size": Param("int", min=1, doc="items per step (default 32)"),
+        "max_steps": Param("int", min=1, doc="stop after this many steps (default: when the data is drained)"),
+        "input_scale": Param("number", doc="factor applied to the inputs (default 1)"),
+        "seed": Param("int", min=0, doc="initialisation seed (default 0)"),
+        "dtype": Param("str", choices=("float32", "float64"), doc="parameter and payload dtype (default float32)"),
+        "optimizer": Param("str", choices=("sgd", "momentum", "adam"), doc="update rule (default sgd)"),
+        "lr": Param("number", doc="learning rate (default 0.1)"),
+        "momentum": Param("number", doc="momentum coefficient (default 0.9)"),
+        "validation": Param("str", doc="CSV file scored at the end"),
+        "test": Param("str", doc="CSV file scored at the end (summary: test_accuracy)"),
+        "components": Param("table_list", doc="how a row becomes (features, label), as for reader"),
+        "header": Param("bool", doc="the CSV files' first line names the columns (default true)"),
+        "delimiter": Param("str", doc="CSV field separator (default \",\")"),
+        "report_every": Param("number", doc="seconds between loss reports (default 1)"),
+    }),
+    "aggregator": types.MappingProxyType({
+        "labels_queue": Param("str", default="labels", doc="the queue in reads that holds (id, label)"),
+        "timeout": Param("number", default=1.0, doc="seconds a member has to answer a request"),
+        "probe_timeout": Param("number", doc="seconds a suspect member is waited for (default timeout / 10)"),
+        "startup_timeout": Param("number", doc="seconds a member gets for its first answer (default 30)"),
+        "give_up_after": Param("number", doc="seconds all members may miss their probes before the "
+                                             "aggregator gives up (default max(3 x timeout, 1))"),
+        "min_members": Param("int", min=1, default=1, doc="fewest answers that answer a request"),
+        "combine": Param("str", default="mean", choices=("mean", "vote"), doc="how answers are combined"),
+        "max_in_flight": Param("int", min=1, default=256, doc="most requests read and not yet decided"),
+    }),
 })
 
 _PIPELINE = {
@@ -1626,10 +1712,20 @@ def _check_items(c: _Checker, queues: dict[str, Any], nodes: dict[str, Any]) -> 
                     _match(c, ck, "the reader makes items of", "here", dtypes, shapes, spec,
                            at=lambda i, field, ck=ck: ck + (i, field), names=names)
         elif n.kind == "feeder":
-            used = [queues[q] for q in n.reads + n.writes if isinstance(queues.get(q), QueueSpec)]
+            # Every member queue gets the same (id, features); the labels queue gets (id, label).
+            labels = _thaw(n.params).get("labels_queue")
+            used = [queues[q] for q in n.reads + n.writes if q != labels and isinstance(queues.get(q), QueueSpec)]
             for spec in used[1:]:
                 _match(c, key, f"a feeder copies items unchanged, but queue {_show(used[0].name)} holds",
                        f"in queue {_show(used[0].name)}", used[0].dtypes, used[0].shapes, spec)
+            if isinstance(labels, str):
+                lk = key + ("params", "labels_queue")
+                spec = queues.get(labels)
+                if labels not in n.writes:
+                    c.add(lk, f"queue {_show(labels)} is not in this feeder's writes; add it there")
+                elif isinstance(spec, QueueSpec) and (len(spec.dtypes) != 2 or spec.dtypes[0] != "int64"):
+                    c.add(lk, f"the feeder writes (id int64, label) to queue {_show(labels)}, but it holds "
+                              f"({spec.describe_items()}); declare dtypes = [\"int64\", LABEL_DTYPE]")
         else:
             hints = _hints(_Checker(c.shown, ""), key + ("params",), _thaw(n.params))
             if hints is _BAD or hints == (None, None):
