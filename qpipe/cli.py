@@ -4,12 +4,14 @@
 ``qpipe node FILE NAME`` run one node replica (or one queue host) of a topology, for multi-machine runs
 ``qpipe validate FILE``  check a topology file and print its graph
 ``qpipe serve --bind A`` run a bare queue host
+``qpipe request FILE``   send queries from a CSV to a running serving topology; answers or a load summary
 ``qpipe bench``          measure queue throughput against raw ZeroMQ
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -123,6 +125,91 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_request(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .errors import QueueError
+    from .serving import LoadStats, ServingClient, read_csv_inputs
+
+    topo = _load(args.file, "request")
+    if topo is None:
+        return 2
+    name = args.queue
+    if name is None:
+        external = [q for q, spec in topo.queues.items() if spec.external]
+        if len(external) != 1:
+            print(f"qpipe request: {args.file} has {len(external)} external queues ({', '.join(external) or 'none'}); "
+                  f"name the request queue with --queue", file=sys.stderr)
+            return 2
+        name = external[0]
+    if name not in topo.queues:
+        print(f"qpipe request: {args.file} has no queue {name!r} (queues: {', '.join(topo.queues)})", file=sys.stderr)
+        return 2
+    qh = topo.queue_hosts[topo.queues[name].host]
+    address = args.address
+    if address is None:
+        if not qh.port:
+            print(f"qpipe request: queue host {qh.name!r} of {args.file} has port 0 (chosen at start); pass "
+                  f"--address tcp://127.0.0.1:PORT as 'qpipe run' printed it ('queue host {qh.name} ready at ...')",
+                  file=sys.stderr)
+            return 2
+        address = qh.address
+    shapes = topo.queues[name].shapes
+    if not shapes or len(shapes) != 3 or None in shapes[2]:
+        print(f"qpipe request: queue {name!r} of {args.file} does not hold requests "
+              f"(id int64 [], reply_to string [], x float32 [D])", file=sys.stderr)
+        return 2
+    width = int(np.prod(shapes[2]))
+    try:
+        xs, labels, _ = read_csv_inputs(args.input, width, columns=args.columns, label=args.label or None)
+    except (OSError, ValueError) as e:
+        print(f"qpipe request: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return 2
+    load = args.concurrency is not None or args.rate is not None or args.duration is not None
+    n = args.n if args.n is not None else (None if load and args.duration else len(xs))
+    try:
+        with ServingClient(address, name, timeout=args.timeout, liveness=args.liveness) as sc:
+            xs = xs.reshape((len(xs), *sc.input_shape))
+            if load:
+                stats = sc.run_load(xs, concurrency=args.concurrency or (None if args.rate else 1), rate=args.rate,
+                                    duration=args.duration, n=n)
+            else:
+                queries, t0 = [], time.perf_counter()
+                for i in range(n):
+                    q = sc.submit(xs[i % len(xs)])
+                    queries.append(q)
+                    try:
+                        p = q.result()
+                    except QueueError as e:
+                        print(f"row {i % len(xs)}  id {q.id}  no answer: {type(e).__name__}: {e}")
+                        continue
+                    k = int(np.argmax(p))
+                    lab = "" if labels is None else f"  label {int(labels[i % len(xs)])}"
+                    print(f"row {i % len(xs)}  id {q.id}  class {k}  p {float(p[k]):.3f}{lab}  "
+                          f"{q.latency * 1e3:.2f} ms", flush=True)
+                stats = LoadStats.from_queries(queries, t0, time.perf_counter(), concurrency=1)
+                if labels is not None and queries:
+                    hits = sum(1 for i, q in enumerate(queries) if q.latency is not None
+                               and int(np.argmax(q.result())) == int(labels[i % len(xs)]))
+                    print(f"accuracy {hits / len(queries):.4f} over {len(queries)} rows (column {args.label!r})")
+    except QueueError as e:
+        print(f"qpipe request: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"qpipe request: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qpipe request: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(stats.as_dict()))
+    else:
+        mode = (f"rate {stats.rate:g}/s" if stats.rate else "") + (
+            f"{', ' if stats.rate else ''}concurrency {stats.concurrency}" if stats.concurrency else "")
+        print(f"{name} @ {address} ({mode}): {stats.summary()}")
+    return 0 if stats.answered == stats.sent else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qpipe", description="ML pipelines as processes that talk through queues.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -151,6 +238,28 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--bind", required=True, help="endpoint, e.g. tcp://127.0.0.1:5555 or ipc:///tmp/q")
     s.add_argument("--max-message-size", type=int, help="largest request in bytes (default 1 GiB)")
     s.set_defaults(fn=_cmd_serve)
+
+    q = sub.add_parser("request", help="send queries from a CSV file to a running serving topology",
+                       description="Send each CSV row as a query to the request queue of a running serving "
+                                   "topology (see topologies/serving.toml) and print the answers, or, with "
+                                   "--concurrency, --rate or --duration, generate load and print queries/s and "
+                                   "latency percentiles.")
+    q.add_argument("file", help="topology TOML file (for the request queue's host and spec)")
+    q.add_argument("--queue", help="request queue (default: the file's only external queue)")
+    q.add_argument("--address", help="queue host endpoint; required when the file's queue host has port 0")
+    q.add_argument("--input", required=True, help="CSV file with a header; one query per row")
+    q.add_argument("--columns", help="input columns: START:STOP (0-based) or comma-separated names "
+                                     "(default: the first columns other than the label)")
+    q.add_argument("--label", default="label", help="label column, for accuracy, if present (default 'label'; "
+                                                    "'' for none)")
+    q.add_argument("--n", type=int, help="queries to send (default: one per row; rows are cycled)")
+    q.add_argument("--concurrency", type=int, help="load: queries kept in flight (closed loop)")
+    q.add_argument("--rate", type=float, help="load: queries per second (open loop)")
+    q.add_argument("--duration", type=float, help="load: seconds to send for")
+    q.add_argument("--timeout", type=float, default=30.0, help="seconds a query may take (30)")
+    q.add_argument("--liveness", type=float, help="seconds without a word from the host before giving up")
+    q.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    q.set_defaults(fn=_cmd_request)
 
     b = sub.add_parser("bench", help="queue throughput benchmark (see bench/queue_throughput.py)",
                        add_help=False)

@@ -107,7 +107,7 @@ __all__ = [
 #: Node kinds that ship with qpipe; each is the module ``nodes/<kind>.py`` with a ``main(argv)``.
 BUILTIN_KINDS = (
     "reader", "feeder", "trainer", "ps", "evaluator", "solo_trainer", "leaderboard", "predictor",
-    "model_slice", "aggregator", "consumer",
+    "model_slice", "aggregator", "consumer", "load_client",
 )
 #: Queue kinds: TensorFlow's FIFOQueue, RandomShuffleQueue and PaddingFIFOQueue.
 QUEUE_KINDS = ("fifo", "shuffle", "padding")
