@@ -417,6 +417,7 @@ class ParameterServer:
         self.bytes_out = 0
         self.busy_seconds = 0.0
         self._last_ckpt = (state.version, time.monotonic())
+        self._snapshots: dict[str, tuple[int, list[str], list[np.ndarray]]] = {}
 
     def _send(self, ident: bytes, header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> None:
         frames = wire.encode(header, arrays)
@@ -540,8 +541,16 @@ class ParameterServer:
         self._pulls.append((int(mv), deadline, ident, rid, wd, header.get("client")))
 
     def _reply_params(self, ident: bytes, rid: Any, wd: str) -> None:
-        names = list(self.state.params)
-        arrays = [to_wire(self.state.params[n], wd) for n in names]
+        # One snapshot per version and wire dtype: the N replies of a sync step share
+        # one conversion, and a zero-copy send never sees the optimizer's in-place
+        # updates of the live arrays.
+        snap = self._snapshots.get(wd)
+        if snap is None or snap[0] != self.state.version:
+            names = list(self.state.params)
+            arrays = [to_wire(self.state.params[n], wd) for n in names]
+            arrays = [a.copy() if a is self.state.params[n] else a for n, a in zip(names, arrays)]
+            snap = self._snapshots[wd] = (self.state.version, names, arrays)
+        _, names, arrays = snap
         self._send(ident, {"id": rid, "ok": True, "version": self.state.version, "names": names,
                            "wire_dtype": wd, "done": self.training_done()}, arrays)
 
