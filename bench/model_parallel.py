@@ -44,50 +44,24 @@ or interrupt) and asks the kernel to kill it should the parent die.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import itertools
 import json
 import multiprocessing
 import os
-import signal
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qpipe.bench import blas_threads, die_with_parent, stop_processes
+
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _CTX = multiprocessing.get_context("spawn")
 WAIT = 120.0  # bound on one cell
-
-
-def _die_with_parent(parent: int) -> None:
-    # A child must not outlive a parent that was killed (SIGKILL runs no finally blocks).
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """Children spawned inside start with ``n`` BLAS/OpenMP threads (they inherit os.environ)."""
-    old = {k: os.environ.get(k) for k in THREAD_VARS}
-    os.environ.update({k: str(n) for k in THREAD_VARS})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _batches(layers: list[int], batch: int, n: int, dtype: str) -> list[tuple[Any, Any]]:
@@ -107,7 +81,7 @@ def _send(conn: Any, value: dict[str, Any]) -> None:
 
 
 def _child_endpoint(parent: int, conn: Any, address: str, cfg_kw: dict[str, Any], me: int, args: dict[str, Any]) -> None:
-    _die_with_parent(parent)
+    die_with_parent(parent)
     import qpipe
     from nodes import slicing
     from nodes.model_slice import Link, run_driver, run_slice
@@ -139,7 +113,7 @@ def _child_endpoint(parent: int, conn: Any, address: str, cfg_kw: dict[str, Any]
 
 def _child_local(parent: int, conn: Any, cfg_kw: dict[str, Any] | None, args: dict[str, Any]) -> None:
     """Unsliced (cfg_kw None) or the block model simulated in one process."""
-    _die_with_parent(parent)
+    die_with_parent(parent)
     import numpy as np
 
     from nodes import model, slicing
@@ -205,14 +179,7 @@ class _Children:
         return parent_conn
 
     def stop(self) -> None:
-        for p in self.procs:
-            p.join(5)
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+        stop_processes(self.procs, grace=5.0)
         self.procs = []
 
 
@@ -247,14 +214,14 @@ def run_cell(name: str, kind: str, cfg_kw: dict[str, Any] | None, args: dict[str
     row: dict[str, Any] = {"cell": name, "gflop": flops_per_step(cfg_kw, args["layers"], args["batch"]) / 1e9}
     try:
         if kind == "local":
-            with _threads(args.get("threads", 1)):
+            with blas_threads(args.get("threads", 1), THREAD_VARS):
                 conn = kids.start(_child_local, cfg_kw, args)
             msg = _recv(conn, name)
             row.update(ms=1e3 * statistics.median(msg["times"]), total_mb=0.0, slice_mb=0.0, wait=None)
             return row
         with qpipe.QueueServer("tcp://127.0.0.1:0") as server:
             k = cfg_kw["slices"]
-            with _threads(1):
+            with blas_threads(1, THREAD_VARS):
                 conns = [kids.start(_child_endpoint, server.address, cfg_kw, e, args) for e in range(k + 1)]
             # NOTE: the first (warm-up) step also waits for the slices to build their parameters.
             done = _recv(conns[k], f"{name} driver")

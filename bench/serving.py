@@ -64,7 +64,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,7 @@ import numpy as np
 import zmq
 
 from nodes import model
+from qpipe.bench import BenchmarkError, format_target, machine_cpu, or_dash, preamble, run_main
 from qpipe.launcher import child_env
 from qpipe.runtime import READY_PREFIX, RESULT_PREFIX
 from qpipe.serving import LoadStats, ServingClient, read_csv_inputs
@@ -94,10 +95,6 @@ STARTUP_TIMEOUT = 60.0  # seconds for the queue host and the replicas to come up
 STOP_TIMEOUT = 20.0  # seconds for the replicas to drain and exit once the request queue is closed
 QUERY_TIMEOUT = 30.0  # seconds; no query of a healthy cell comes near it
 CHECK_ATOL = 1e-5
-
-
-class BenchmarkError(RuntimeError):
-    """A cell could not be measured honestly (a process failed, a query was lost or answered wrongly)."""
 
 
 @dataclass(frozen=True)
@@ -210,18 +207,6 @@ class _Child:
             self.popen.stdout.close()
 
 
-def _machine_cpu() -> tuple[float, float] | None:
-    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            vals = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    total = sum(vals[:8])
-    return float(total - idle), float(total)
-
-
 # ---------------------------------------------------------------------------
 # One cell
 
@@ -256,9 +241,9 @@ def run_cell(opts: Options, replicas: int, workdir: Path, model_dir: Path, check
                 raise BenchmarkError(f"{replicas} replica(s): answers differ from the local forward pass by "
                                      f"up to {err:.3g} (> {CHECK_ATOL:g})")
             sc.run_load(xs, concurrency=opts.concurrency, duration=opts.warmup)
-            cpu0 = _machine_cpu()
+            cpu0 = machine_cpu()
             stats = sc.run_load(xs, concurrency=opts.concurrency, duration=opts.seconds)
-            cpu1 = _machine_cpu()
+            cpu1 = machine_cpu()
             counters = sc.counters()
             _check_stats(replicas, stats, counters)
         with qpipe.connect(host.address, timeout=5.0) as c:
@@ -506,17 +491,10 @@ def aggregator_latency(workdir: Path, requests: int, members: int = 3) -> dict[s
 # Output
 
 
-def _f(v: float | None, fmt: str) -> str:
-    return "-".rjust(len(format(0.0, fmt))) if v is None else format(v, fmt)
-
-
 def format_report(report: dict[str, Any]) -> str:
-    m, s = report["machine"], report["settings"]
+    s = report["settings"]
     lines = [
-        f"qpipe replicated serving, {report['date']}, {m['cpus']} CPUs, python {m['python']}, numpy {m['numpy']}, "
-        f"pyzmq {m['pyzmq']} / libzmq {m['libzmq']}",
-        f"command: {report.get('command', '?')}",
-        f"1-minute load average {m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after",
+        *preamble("qpipe replicated serving", report).splitlines(),
         f"simulated compute {s['delay_ms']:g} ms per query, predictor batch_size {s['batch_size']}, "
         f"{s['concurrency']} queries in flight (closed loop), {s['seconds']:g} s per cell after {s['warmup']:g} s "
         f"of warm-up; one process per replica and for the queue host; tcp://127.0.0.1",
@@ -527,9 +505,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [head, "-" * len(head)]
     for r in report["results"]:
         lines.append(
-            f"{r['replicas']:>8}  {r['queries_per_s']:>9,.1f}  {_f(r['ideal'], '>6.0f')}  {_f(r['ratio'], '>5.3f')}  "
-            f"{_f(r['speedup'], '>7.2f')}x  {r['p50_ms']:>7.2f}  {r['p90_ms']:>7.2f}  {r['p99_ms']:>7.2f}  "
-            f"{r['max_ms']:>7.2f}  {_f(None if r['machine_busy'] is None else 100 * r['machine_busy'], '>4.0f')}%  "
+            f"{r['replicas']:>8}  {r['queries_per_s']:>9,.1f}  {or_dash(r['ideal'], '>6.0f')}  "
+            f"{or_dash(r['ratio'], '>5.3f')}  {or_dash(r['speedup'], '>7.2f')}x  {r['p50_ms']:>7.2f}  "
+            f"{r['p90_ms']:>7.2f}  {r['p99_ms']:>7.2f}  {r['max_ms']:>7.2f}  "
+            f"{or_dash(None if r['machine_busy'] is None else 100 * r['machine_busy'], '>4.0f')}%  "
             f"{' '.join(str(n) for n in r['served'])}")
     lines.append("")
     lines.append("answers checked against a local forward pass on " + ", ".join(
@@ -553,10 +532,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("")
     for t in report["targets"]:
         if t["status"] == "SKIP":
-            lines.append(f"SKIP  {t['label']}: {t['reason']}")
+            lines.append(format_target(t, t["reason"]))
         else:
-            lines.append(f"{t['status']}  {t['label']}: {t['qps_4']:.1f} / {t['qps_1']:.1f} queries/s = "
-                         f"{t['measured']:.2f}x (target >= {t['target']:g}x)")
+            lines.append(format_target(t, f"{t['qps_4']:.1f} / {t['qps_1']:.1f} queries/s = "
+                                          f"{t['measured']:.2f}x (target >= {t['target']:g}x)"))
     return "\n".join(lines)
 
 
@@ -596,23 +575,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    # SIGTERM would end this process without the finally blocks that stop the children.
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line; 0 on success, 1 with ``--strict`` if the target failed, 2 if the benchmark failed."""
     args = _parser().parse_args(argv)
@@ -624,24 +586,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    warmup=args.warmup if args.warmup is not None else (0.3 if args.quick else 1.0),
                    aggregator_requests=(args.aggregator_requests if args.aggregator_requests is not None
                                         else (50 if args.quick else 300)))
-    try:
-        with _sigterm_as_interrupt():
-            report = run(opts, _progress)
-    except BenchmarkError as e:
-        print(f"bench/serving.py: FAILED: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench/serving.py: interrupted; child processes stopped", file=sys.stderr)
-        return 130
-    report["command"] = " ".join(["python", "bench/serving.py", *(sys.argv[1:] if argv is None else argv)])
-    print(format_report(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-    if args.strict and any(t["status"] == "FAIL" for t in report["targets"]):
-        return 1
-    return 0
+    return run_main("bench/serving.py", lambda: run(opts, _progress), format_report,
+                    command=" ".join(["python", "bench/serving.py", *(sys.argv[1:] if argv is None else argv)]),
+                    json_path=args.json, strict=args.strict)
 
 
 if __name__ == "__main__":

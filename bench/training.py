@@ -58,23 +58,15 @@ the kernel to kill it should the parent die (Linux ``PR_SET_PDEATHSIG``).
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
-import ctypes
 import datetime
-import json
 import math
 import multiprocessing
 import os
-import platform
-import re
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing import connection as mp_connection
@@ -87,9 +79,22 @@ except ImportError:  # run from a checkout without installing qpipe
     import qpipe
 
 import numpy as np
-import zmq
 
 from nodes import model
+from qpipe.bench import (
+    BenchmarkError,
+    Children,
+    choice,
+    csv_list,
+    format_target,
+    machine_cpu,
+    machine_info,
+    median_rounds,
+    or_dash,
+    preamble,
+    queue_host_body,
+    run_main,
+)
 from qpipe.ps import WIRE_DTYPES, Optimizer, ParameterClient, ParameterServer, ShardState, assign_shards
 
 MODES = ("sync", "async")
@@ -102,16 +107,11 @@ STARTUP_TIMEOUT = 60.0  # seconds for a child to start and report ready
 STOP_TIMEOUT = 30.0  # seconds for the processes of a cell to finish after the window
 N_BATCHES = 8  # distinct synthetic batches per trainer (cycled)
 LR = 0.01
-THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 # Phases of a cell, in a shared integer the children read.
 WAIT, WARMUP, MEASURE, STOP, ABORT = range(5)
 
 _CTX = multiprocessing.get_context("spawn")
-
-
-class BenchmarkError(RuntimeError):
-    """A cell could not be measured honestly (a child failed or hung, counts do not add up)."""
 
 
 @dataclass(frozen=True)
@@ -188,57 +188,9 @@ def _proc_cpu_seconds(pid: int | None) -> float | None:
         return None
 
 
-def _machine_cpu() -> tuple[float, float] | None:
-    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            vals = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    total = sum(vals[:8])
-    return float(total - idle), float(total)
-
-
-def _die_with_parent(parent: int) -> None:
-    # A child must not outlive a parent that was killed (SIGKILL runs no finally blocks).
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-@contextlib.contextmanager
-def _child_env() -> Iterator[None]:
-    """Children start with one BLAS/OpenMP thread each (spawned children inherit os.environ)."""
-    old = {k: os.environ.get(k) for k in THREAD_VARS}
-    os.environ.update({k: "1" for k in THREAD_VARS})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 # ---------------------------------------------------------------------------
-# Child processes. Each talks to the parent over one Pipe end and sends
-# ("ready", x), ("done", x) or ("error", traceback text).
-
-
-def _child(role: str, body: Callable[..., None], parent: int, conn: mp_connection.Connection, *args: Any) -> None:
-    _die_with_parent(parent)
-    try:
-        body(conn, *args)
-    except BaseException:  # noqa: BLE001 - report everything, then exit non-zero
-        with contextlib.suppress(Exception):
-            conn.send(("error", f"{role} (pid {os.getpid()}) failed:\n{traceback.format_exc()}"))
-        raise SystemExit(1) from None
-    finally:
-        conn.close()
+# Child processes (qpipe.bench.Children). Each talks to the parent over one Pipe
+# end and sends ("ready", x), ("done", x) or ("error", traceback text).
 
 
 def _ps_body(conn: mp_connection.Connection, phase: Any) -> None:
@@ -255,19 +207,6 @@ def _ps_body(conn: mp_connection.Connection, phase: Any) -> None:
     # serve() returns once every trainer said bye (or, on abort, when the parent says so).
     server.serve(stop=lambda: phase.value >= ABORT)
     conn.send(("done", {"stats": server.stats(), "values": int(sum(a.size for a in mine.values()))}))
-
-
-def _host_body(conn: mp_connection.Connection, address: str) -> None:
-    server = qpipe.QueueServer(address)
-    server.start()
-    try:
-        conn.send(("ready", server.address))
-        conn.recv()  # the parent's "stop"; EOF if the parent died
-    except EOFError:
-        pass
-    finally:
-        server.stop()
-    conn.send(("done", {}))
 
 
 def _synthetic_batches(seed: int, batch_size: int, n_in: int, n_out: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -358,118 +297,16 @@ def _trainer_body(conn: mp_connection.Connection, phase: Any) -> None:
 # The parent: the children of one cell
 
 
-class _Children:
-    """The child processes of one cell; :meth:`stop` joins or kills each by its PID.
+class _Children(Children):
+    """The child processes of one cell: one BLAS/OpenMP thread each, killed should this process die."""
 
-    Messages from all children are read as they come and kept per child, so
-    waiting for one child never loses another's message, and an error from
-    any child fails the cell at once.
-    """
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.procs: dict[str, Any] = {}
-        self.conns: dict[str, mp_connection.Connection] = {}
-        self.inbox: dict[str, collections.deque[tuple[str, Any]]] = {}
-        self.eof: set[str] = set()
-        self.finished: set[str] = set()  # roles whose exit (code 0) is expected
-
-    def spawn(self, role: str, body: Callable[..., None], *args: Any) -> None:
-        parent_end, child_end = _CTX.Pipe()
-        p = _CTX.Process(target=_child, args=(role, body, os.getpid(), child_end, *args),
-                         name=f"qpipe-train-bench-{role}", daemon=True)
-        with _child_env():
-            p.start()
-        child_end.close()
-        self.procs[role], self.conns[role] = p, parent_end
-        self.inbox[role] = collections.deque()
-
-    def pids(self) -> dict[str, int]:
-        return {r: p.pid for r, p in self.procs.items()}
-
-    def send(self, role: str, obj: Any) -> None:
-        self.conns[role].send(obj)
-
-    def _drain(self) -> None:
-        for role, conn in self.conns.items():
-            while role not in self.eof and conn.poll():
-                try:
-                    msg = conn.recv()
-                except EOFError:
-                    self.eof.add(role)
-                    break
-                if msg[0] == "error":
-                    raise BenchmarkError(f"{self.label}: {msg[1]}")
-                self.inbox[role].append(msg)
-
-    def _check_exits(self, waiting_for: str) -> set[str]:
-        exited = {r for r, p in self.procs.items() if p.exitcode is not None}
-        self._drain()  # whatever a child sent before exiting is in its pipe by now
-        for r in exited:
-            code = self.procs[r].exitcode
-            if code != 0 or (r not in self.finished and not self.inbox[r]):
-                raise BenchmarkError(f"{self.label}: the {r} process (pid {self.procs[r].pid}) exited with code "
-                                     f"{code} while the benchmark waited for {waiting_for}")
-        return exited
-
-    def expect(self, role: str, kind: str, timeout: float) -> Any:
-        """Wait for ``role`` to send ``(kind, payload)``; fail on any child's error or exit, or on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            exited = {r for r, p in self.procs.items() if p.exitcode is not None}
-            self._drain()
-            if self.inbox[role]:
-                got, payload = self.inbox[role].popleft()
-                if got != kind:
-                    raise BenchmarkError(f"{self.label}: expected {kind!r} from the {role} process, got {got!r}")
-                if kind == "done":
-                    self.finished.add(role)
-                return payload
-            for r in exited:
-                code = self.procs[r].exitcode
-                if code != 0 or r == role or (r not in self.finished and not self.inbox[r]):
-                    raise BenchmarkError(
-                        f"{self.label}: the {r} process (pid {self.procs[r].pid}) exited with code {code} "
-                        f"while the benchmark waited for {kind!r} from the {role} process")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BenchmarkError(f"{self.label}: no {kind!r} from the {role} process within {timeout:g} s")
-            waitables: list[Any] = [c for r, c in self.conns.items() if r not in self.eof]
-            waitables += [p.sentinel for r, p in self.procs.items() if r not in exited]
-            mp_connection.wait(waitables, left)
-
-    def watch(self, seconds: float) -> None:
-        """Sleep ``seconds``, failing at once if a child reports an error or exits."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            for c in self.conns.values():
-                if c.poll():
-                    self._drain()  # raises on an error; keeps anything else
-                    break
-            if any(p.exitcode is not None for p in self.procs.values()):
-                self._check_exits("the measured window to end")
-            time.sleep(min(left, 0.05))
-
-    def stop(self, grace: float) -> None:
-        """Join every child; SIGTERM, then SIGKILL, any still running ``grace`` seconds from now."""
-        deadline = time.monotonic() + grace
-        for p in self.procs.values():
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in self.procs.values():
-            if p.exitcode is None:
-                p.terminate()
-                p.join(grace)
-            if p.exitcode is None:
-                p.kill()
-                p.join(grace)
-        for c in self.conns.values():
-            c.close()
-        for p in self.procs.values():
-            p.close()
+    name = "qpipe-train-bench"
+    die_with_parent = True
+    threads = 1
 
 
 def _snapshot(observer: ParameterClient, pids: dict[str, int]) -> dict[str, Any]:
-    cpu0 = _machine_cpu()
+    cpu0 = machine_cpu()
     ta = time.perf_counter()
     stats = observer.stats(timeout=OP_TIMEOUT)
     tb = time.perf_counter()
@@ -504,7 +341,7 @@ def _run_cell(cell: Cell, opts: Options, tmpdir: str, index: int) -> dict[str, A
         # Optional input queue
         queue_job: dict[str, Any] = {}
         if cell.with_queue:
-            children.spawn("host", _host_body,
+            children.spawn("host", queue_host_body,
                            f"ipc://{tmpdir}/q-{index}.sock" if opts.transport == "ipc" else "tcp://127.0.0.1:0")
             qaddr = children.expect("host", "ready", STARTUP_TIMEOUT)
             qname = f"batches-{index}"
@@ -669,19 +506,6 @@ def check_options(opts: Options) -> None:
         raise ValueError(f"unknown transport {opts.transport!r}; choose from {', '.join(TRANSPORTS)}")
 
 
-def _machine() -> dict[str, Any]:
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "pyzmq": zmq.pyzmq_version(),
-        "libzmq": zmq.zmq_version(),
-        "loadavg_before": list(os.getloadavg()),
-    }
-
-
 def evaluate(results: list[dict[str, Any]], compute_ms: float) -> list[dict[str, Any]]:
     """One entry per target and wire dtype measured: PASS, FAIL or SKIP (not measured / no simulated compute)."""
     out = []
@@ -713,25 +537,13 @@ def run(opts: Options, progress: Callable[[dict[str, Any]], None] | None = None)
         For settings that cannot be measured.
     """
     check_options(opts)
-    machine = _machine()
+    machine = machine_info()
     tmpdir = tempfile.mkdtemp(prefix="qptb-")  # short: ipc paths are limited to 107 bytes
-    cells = list(_cells(opts))
-    samples: dict[Cell, list[dict[str, Any]]] = {c: [] for c in cells}
     try:
-        index = 0
-        for _ in range(opts.repeat):
-            for cell in cells:
-                r = _run_cell(cell, opts, tmpdir, index)
-                index += 1
-                samples[cell].append(r)
-                if progress is not None:
-                    progress(r)
+        results = median_rounds(list(_cells(opts)), opts.repeat,
+                                lambda cell, index: _run_cell(cell, opts, tmpdir, index), "steps_per_s", progress)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    results = []
-    for cell in cells:  # the median round by steps/s, with every round's rate alongside
-        runs = sorted(samples[cell], key=lambda r: r["steps_per_s"])
-        results.append({**runs[(len(runs) - 1) // 2], "samples": [r["steps_per_s"] for r in samples[cell]]})
     machine["loadavg_after"] = list(os.getloadavg())
     settings = asdict(opts)
     settings.update(lr=LR, optimizer="sgd", batches_per_trainer=N_BATCHES)
@@ -748,14 +560,6 @@ def run(opts: Options, progress: Callable[[dict[str, Any]], None] | None = None)
 # Reporting
 
 
-def _f(v: float | None, fmt: str) -> str:
-    """``format(v, fmt)``, or a ``-`` of the same width and alignment for None."""
-    if v is None:
-        m = re.match(r"([<>^]?)(\d*)", fmt)
-        return format("-", f"{m.group(1) or '>'}{m.group(2)}")
-    return format(v, fmt)
-
-
 def format_table(report: dict[str, Any]) -> str:
     """The main table, the trainer-step breakdown, and one PASS/FAIL/SKIP line per target."""
     rs = report["results"]
@@ -765,8 +569,8 @@ def format_table(report: dict[str, Any]) -> str:
     for r in rs:
         lines.append(
             f"{r['mode']:<5}  {r['trainers']:>8}  {r['compute_ms']:>10g}  {r['wire_dtype']:<8}  "
-            f"{r['steps_per_s']:>8,.1f}  {r['samples_per_s']:>9,.0f}  {_f(r['ideal'], '>6.0f')}  "
-            f"{_f(r['ratio'], '>5.3f')}  {r['ps_ms_per_update']:>9.3f}  {r['bytes_per_step']:>10,.0f}")
+            f"{r['steps_per_s']:>8,.1f}  {r['samples_per_s']:>9,.0f}  {or_dash(r['ideal'], '>6.0f')}  "
+            f"{or_dash(r['ratio'], '>5.3f')}  {r['ps_ms_per_update']:>9.3f}  {r['bytes_per_step']:>10,.0f}")
     lines.append("")
     head2 = (f"{'mode':<5}  {'trainers':>8}  {'wire':<8}  {'step ms':>7}  {'input':>6}  {'grad':>6}  {'sleep':>6}  "
              f"{'push':>6}  {'pull':>6}  {'PS cpu':>6}  {'PS cpu ms/upd':>13}  {'trainers cpu':>12}  {'machine busy':>12}  "
@@ -781,13 +585,14 @@ def format_table(report: dict[str, Any]) -> str:
         tr_cpu = (sum(c for c in r["trainer_cpu"] if c is not None)
                   if any(c is not None for c in r["trainer_cpu"]) else None)
         lines.append(
-            f"{r['mode']:<5}  {r['trainers']:>8}  {r['wire_dtype']:<8}  {_f(r['trainer_step_ms'], '>7.3f')}  "
-            f"{_f(p['input'], '>6.3f')}  {_f(p['grad'], '>6.3f')}  {_f(p['sleep'], '>6.3f')}  "
-            f"{_f(p['push'], '>6.3f')}  {_f(p['pull'], '>6.3f')}  {_f(None if ps_cpu is None else 100 * ps_cpu, '>5.0f')}%"
-            f"  {_f(r.get('ps_cpu_ms_per_update'), '>13.3f')}"
-            f"  {_f(None if tr_cpu is None else 100 * tr_cpu, '>11.0f')}%"
-            f"  {_f(None if r['machine_busy'] is None else 100 * r['machine_busy'], '>11.0f')}%"
-            f"  {_f(None if r['other_cpu'] is None else 100 * r['other_cpu'], '>5.0f')}%")
+            f"{r['mode']:<5}  {r['trainers']:>8}  {r['wire_dtype']:<8}  {or_dash(r['trainer_step_ms'], '>7.3f')}  "
+            f"{or_dash(p['input'], '>6.3f')}  {or_dash(p['grad'], '>6.3f')}  {or_dash(p['sleep'], '>6.3f')}  "
+            f"{or_dash(p['push'], '>6.3f')}  {or_dash(p['pull'], '>6.3f')}"
+            f"  {or_dash(None if ps_cpu is None else 100 * ps_cpu, '>5.0f')}%"
+            f"  {or_dash(r.get('ps_cpu_ms_per_update'), '>13.3f')}"
+            f"  {or_dash(None if tr_cpu is None else 100 * tr_cpu, '>11.0f')}%"
+            f"  {or_dash(None if r['machine_busy'] is None else 100 * r['machine_busy'], '>11.0f')}%"
+            f"  {or_dash(None if r['other_cpu'] is None else 100 * r['other_cpu'], '>5.0f')}%")
     lines.append("")
     lines.extend(format_targets(report))
     return "\n".join(lines)
@@ -798,27 +603,22 @@ def format_targets(report: dict[str, Any]) -> list[str]:
     for t in report["targets"]:
         goal = f"target >= {t['ratio']:g} of ideal"
         if t["status"] == "SKIP":
-            lines.append(f"SKIP  {t['label']}: {t['reason']} ({goal})")
+            lines.append(format_target(t, f"{t['reason']} ({goal})"))
         else:
-            lines.append(f"{t['status']}  {t['label']}: {t['steps_per_s']:.1f} steps/s = {t['measured']:.3f} of "
-                         f"ideal {t['ideal']:g} ({goal})")
+            lines.append(format_target(t, f"{t['steps_per_s']:.1f} steps/s = {t['measured']:.3f} of "
+                                          f"ideal {t['ideal']:g} ({goal})"))
     return lines
 
 
 def header(report: dict[str, Any]) -> str:
-    m, s = report["machine"], report["settings"]
-    load = m["loadavg_before"][0], m["loadavg_after"][0]
+    s = report["settings"]
     others = [r["other_cpu"] for r in report["results"] if r.get("other_cpu") is not None]
     busy = (max(others) if others else 0.0) > 0.25
     rounds = f", median of {s['repeat']} rounds" if s["repeat"] > 1 else ""
     warning = f"; WARNING: other processes used up to {100 * max(others):.0f}% of a core during a window" if busy else ""
     return (
-        f"qpipe data-parallel training, {report['date']}, {m['cpus']} CPUs, python {m['python']}, "
-        f"numpy {m['numpy']}, pyzmq {m['pyzmq']} / libzmq {m['libzmq']}\n"
-        f"command: {report.get('command', '?')}\n"
-        f"1-minute load average {load[0]:.2f} before, {load[1]:.2f} after"
-        f"{warning}\n"
-        f"MLP {s['layers']}, batch {s['batch_size']}, sgd lr {s['lr']}, {s['shards']} PS shard(s) over "
+        preamble("qpipe data-parallel training", report, load_note=warning)
+        + f"MLP {s['layers']}, batch {s['batch_size']}, sgd lr {s['lr']}, {s['shards']} PS shard(s) over "
         f"{s['transport']}, {'batches through a qpipe queue' if s['with_queue'] else 'fixed synthetic batches'}; "
         f"{s['seconds']:g} s per cell after {s['warmup']:g} s of warm-up"
         f"{rounds}; one process per PS shard and trainer.\n"
@@ -835,26 +635,6 @@ def _progress_line(r: dict[str, Any]) -> None:
           file=sys.stderr, flush=True)
 
 
-def _csv(parse: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
-    def parse_list(text: str) -> tuple[Any, ...]:
-        try:
-            return tuple(parse(x.strip()) for x in text.split(",") if x.strip())
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    return parse_list
-
-
-def _choice(choices: Sequence[str]) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        t = text.strip().lower()
-        if t not in choices:
-            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
-        return t
-
-    return parse
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bench/training.py",
@@ -862,16 +642,16 @@ def _parser() -> argparse.ArgumentParser:
         "PS time and bytes per step for 1, 2 and 4 trainers, sync and async.")
     p.add_argument("--compute-ms", type=float, default=0.0,
                    help="simulated compute per trainer step, in ms (default 0; the acceptance run uses 20)")
-    p.add_argument("--trainers", type=_csv(int), default=DEFAULT_TRAINERS, help="trainer counts (default 1,2,4)")
-    p.add_argument("--modes", type=_csv(_choice(MODES)), default=MODES, help="sync,async (default both)")
-    p.add_argument("--wire", type=_csv(_choice(WIRE_DTYPES)), default=DEFAULT_WIRES,
+    p.add_argument("--trainers", type=csv_list(int), default=DEFAULT_TRAINERS, help="trainer counts (default 1,2,4)")
+    p.add_argument("--modes", type=csv_list(choice(MODES)), default=MODES, help="sync,async (default both)")
+    p.add_argument("--wire", type=csv_list(choice(WIRE_DTYPES)), default=DEFAULT_WIRES,
                    help="wire dtypes (default float32,float16; bfloat16 also works)")
     p.add_argument("--shards", type=int, default=1, help="PS shard processes (default 1)")
-    p.add_argument("--layers", type=_csv(int), default=DEFAULT_LAYERS, help="MLP sizes (default 64,128,10)")
+    p.add_argument("--layers", type=csv_list(int), default=DEFAULT_LAYERS, help="MLP sizes (default 64,128,10)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per trainer step (default 32)")
     p.add_argument("--seconds", type=float, help="measured seconds per cell (default 3, --quick 0.5)")
     p.add_argument("--warmup", type=float, help="warm-up seconds per cell (default 1, --quick 0.2)")
-    p.add_argument("--transport", type=_choice(TRANSPORTS), default="tcp",
+    p.add_argument("--transport", type=choice(TRANSPORTS), default="tcp",
                    help="tcp (127.0.0.1, default) or ipc (temporary directory)")
     p.add_argument("--with-queue", action="store_true",
                    help="feed the trainers batches through a qpipe queue host (a feeder process enqueues)")
@@ -880,23 +660,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--strict", action="store_true", help="exit with status 1 if an acceptance target fails")
     return p
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    # SIGTERM would end this process without the finally blocks that stop the children.
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -912,25 +675,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_options(opts)
     except ValueError as e:
         _parser().error(str(e))
-    try:
-        with _sigterm_as_interrupt():
-            report = run(opts, _progress_line)
-    except BenchmarkError as e:
-        print(f"bench/training.py: FAILED: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench/training.py: interrupted; child processes stopped", file=sys.stderr)
-        return 130
-    report["command"] = " ".join(["python", "bench/training.py", *(sys.argv[1:] if argv is None else argv)])
-    print(header(report))
-    print(format_table(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-    if args.strict and any(t["status"] == "FAIL" for t in report["targets"]):
-        return 1
-    return 0
+    return run_main("bench/training.py", lambda: run(opts, _progress_line),
+                    lambda report: header(report) + "\n" + format_table(report),
+                    command=" ".join(["python", "bench/training.py", *(sys.argv[1:] if argv is None else argv)]),
+                    json_path=args.json, strict=args.strict)
 
 
 if __name__ == "__main__":

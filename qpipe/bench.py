@@ -35,6 +35,15 @@ transport, which is what the acceptance targets (:data:`TARGETS`) use.
 
 Run it as ``qpipe bench`` or ``python bench/queue_throughput.py``; see
 :func:`main` for the options and :func:`run` for the library entry point.
+
+The last section of this module holds the harness that the other benchmarks in
+``bench/`` share with this one: option parsers (:func:`choice`,
+:func:`csv_list`), child processes stopped by their PID (:class:`Children`,
+:func:`stop_processes`, :func:`die_with_parent`, :func:`blas_threads`), the
+machine description and report preamble (:func:`machine_info`,
+:func:`preamble`, :func:`format_target`), rounds with a median
+(:func:`median_rounds`), and the command-line tail (:func:`run_main`: SIGTERM
+as an interrupt, JSON, exit status).
 """
 
 from __future__ import annotations
@@ -42,11 +51,13 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import ctypes
 import datetime
 import json
 import multiprocessing
 import os
 import platform
+import re
 import shutil
 import signal
 import struct
@@ -55,7 +66,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing import connection as mp_connection
 from typing import Any
@@ -69,14 +80,30 @@ __all__ = [
     "DEFAULT_SIZES",
     "MODES",
     "TARGETS",
+    "THREAD_VARS",
     "TRANSPORTS",
     "BenchmarkError",
     "Cell",
+    "Children",
     "Target",
     "batch_for",
+    "blas_threads",
     "capacity_for",
+    "choice",
+    "csv_list",
+    "die_with_parent",
+    "format_target",
+    "machine_cpu",
+    "machine_info",
     "main",
+    "median_rounds",
+    "or_dash",
+    "preamble",
+    "queue_host_body",
     "run",
+    "run_main",
+    "sigterm_as_interrupt",
+    "stop_processes",
 ]
 
 KiB = 1 << 10
@@ -99,7 +126,7 @@ _CTX = multiprocessing.get_context("spawn")
 
 
 class BenchmarkError(RuntimeError):
-    """Raised when a cell cannot be measured honestly.
+    """Raised when a cell cannot be measured honestly, by this and every benchmark in ``bench/``.
 
     Examples: a child process died or reported an exception, an item was
     lost, duplicated or reordered, an item's data differs from what was sent,
@@ -249,32 +276,8 @@ def _intact(item: Any, seq: int, template: np.ndarray) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# Child processes. Each one talks to the parent over one Pipe end: it sends
-# ("ready", x), ("measured", x), ("done", x) or ("error", traceback text).
-
-
-def _child(role: str, body: Callable[..., None], conn: mp_connection.Connection, *args: Any) -> None:
-    try:
-        body(conn, *args)
-    except BaseException:  # report everything, including KeyboardInterrupt, then exit non-zero
-        with contextlib.suppress(Exception):
-            conn.send(("error", f"{role} (pid {os.getpid()}) failed:\n{traceback.format_exc()}"))
-        raise SystemExit(1) from None
-    finally:
-        conn.close()
-
-
-def _host_body(conn: mp_connection.Connection, address: str) -> None:
-    server = qpipe.QueueServer(address, max_message_size=MAX_MESSAGE_SIZE)
-    server.start()
-    try:
-        conn.send(("ready", server.address))
-        conn.recv()  # the parent's "stop"; EOF if the parent died
-    except EOFError:
-        pass
-    finally:
-        server.stop()
-    conn.send(("done", {}))
+# Child processes (see Children below). Each one talks to the parent over one Pipe
+# end: it sends ("ready", x), ("measured", x), ("done", x) or ("error", traceback text).
 
 
 class _Window:
@@ -499,94 +502,7 @@ def _raw_consumer_body(conn: mp_connection.Connection) -> None:
 
 
 # ---------------------------------------------------------------------------
-# The parent: start the children of one cell, drive them, check, stop them.
-
-
-class _Children:
-    """The child processes of one cell; :meth:`stop` joins or kills each by its PID.
-
-    Messages from all children are read as they come and kept per child, so
-    waiting for one child never loses another's message, and an error from
-    any child fails the cell at once.
-    """
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.procs: dict[str, multiprocessing.process.BaseProcess] = {}
-        self.conns: dict[str, mp_connection.Connection] = {}
-        self.inbox: dict[str, collections.deque[tuple[str, Any]]] = {}
-        self.eof: set[str] = set()
-
-    def spawn(self, role: str, body: Callable[..., None], *args: Any) -> None:
-        parent_end, child_end = _CTX.Pipe()
-        p = _CTX.Process(
-            target=_child, args=(role, body, child_end, *args), name=f"qpipe-bench-{role}", daemon=True
-        )
-        p.start()
-        child_end.close()
-        self.procs[role], self.conns[role] = p, parent_end
-        self.inbox[role] = collections.deque()
-
-    def send(self, role: str, obj: Any) -> None:
-        self.conns[role].send(obj)
-
-    def _drain(self) -> None:
-        for role, conn in self.conns.items():
-            while role not in self.eof and conn.poll():
-                try:
-                    msg = conn.recv()
-                except EOFError:
-                    self.eof.add(role)
-                    break
-                if msg[0] == "error":
-                    raise BenchmarkError(f"{self.label}: {msg[1]}")
-                self.inbox[role].append(msg)
-
-    def expect(self, role: str, kind: str, timeout: float) -> Any:
-        """Wait for ``role`` to send ``(kind, payload)``; return the payload.
-
-        Fails if any child reports an error or exits with a non-zero code, if
-        ``role`` exits without sending it, or after ``timeout`` seconds.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            # Exit codes first: whatever a child sent before exiting is in its pipe by then.
-            exited = {r: p.exitcode for r, p in self.procs.items() if p.exitcode is not None}
-            self._drain()
-            if self.inbox[role]:
-                got, payload = self.inbox[role].popleft()
-                if got != kind:
-                    raise BenchmarkError(f"{self.label}: expected {kind!r} from the {role} process, got {got!r}")
-                return payload
-            for r, code in exited.items():
-                if code != 0 or r == role:
-                    raise BenchmarkError(
-                        f"{self.label}: the {r} process (pid {self.procs[r].pid}) exited with code {code} "
-                        f"while the benchmark waited for {kind!r} from the {role} process"
-                    )
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BenchmarkError(f"{self.label}: no {kind!r} from the {role} process within {timeout:g} s")
-            waitables = [c for r, c in self.conns.items() if r not in self.eof]
-            waitables += [p.sentinel for r, p in self.procs.items() if r not in exited]
-            mp_connection.wait(waitables, left)
-
-    def stop(self, grace: float) -> None:
-        """Join every child; SIGTERM, then SIGKILL, any still running ``grace`` seconds from now."""
-        deadline = time.monotonic() + grace
-        for p in self.procs.values():
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in self.procs.values():
-            if p.exitcode is None:
-                p.terminate()
-                p.join(grace)
-            if p.exitcode is None:
-                p.kill()
-                p.join(grace)
-        for c in self.conns.values():
-            c.close()
-        for p in self.procs.values():
-            p.close()
+# The parent: start the children of one cell (a Children), drive them, check, stop them.
 
 
 def _result(cell: Cell, window: dict[str, float], produced: dict[str, Any], consumed: dict[str, Any]) -> dict[str, Any]:
@@ -616,11 +532,11 @@ def _result(cell: Cell, window: dict[str, float], produced: dict[str, Any], cons
 
 def _run_qpipe_cell(cell: Cell, opts: _Options, tmpdir: str, index: int) -> dict[str, Any]:
     address = f"ipc://{tmpdir}/host-{index}.sock" if cell.transport == "ipc" else "tcp://127.0.0.1:0"
-    children = _Children(cell.label)
+    children = Children(cell.label)
     stop = _CTX.RawValue("b", 0)
     ok = False
     try:
-        children.spawn("host", _host_body, address)
+        children.spawn("host", queue_host_body, address, MAX_MESSAGE_SIZE)
         children.spawn("consumer", _qpipe_consumer_body)
         children.spawn("producer", _qpipe_producer_body, stop)
         address = children.expect("host", "ready", STARTUP_TIMEOUT)
@@ -661,7 +577,7 @@ def _run_qpipe_cell(cell: Cell, opts: _Options, tmpdir: str, index: int) -> dict
 def _run_raw_cell(cell: Cell, opts: _Options, tmpdir: str, index: int) -> dict[str, Any]:
     bind = f"ipc://{tmpdir}/raw-{index}.sock" if cell.transport == "ipc" else "tcp://127.0.0.1:0"
     hwm = max(1, cell.capacity // 2)
-    children = _Children(cell.label)
+    children = Children(cell.label)
     stop = _CTX.RawValue("b", 0)
     ok = False
     try:
@@ -698,20 +614,6 @@ def _cells(opts: _Options) -> Iterator[Cell]:
             for mode in opts.modes:
                 batch = 1 if mode == "single" else batch_for(size)
                 yield Cell("qpipe", transport, size, mode, batch, capacity_for(size, batch))
-
-
-def _machine() -> dict[str, Any]:
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "pyzmq": zmq.pyzmq_version(),
-        "libzmq": zmq.zmq_version(),
-        # Other processes on the machine skew every number; the load says whether there were any.
-        "loadavg_before": list(os.getloadavg()),
-    }
 
 
 def _evaluate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -790,26 +692,18 @@ def run(
     opts = _Options(tuple(sizes), tuple(transports), tuple(modes), float(seconds), float(warmup), int(repeat))
     _check_options(opts)
     cells = list(_cells(opts))
-    samples: dict[Cell, list[dict[str, Any]]] = {c: [] for c in cells}
-    machine = _machine()
+    machine = machine_info()
     tmpdir = tempfile.mkdtemp(prefix="qpipe-bench-")
+
+    def measure(cell: Cell, index: int) -> dict[str, Any]:
+        runner = _run_qpipe_cell if cell.system == "qpipe" else _run_raw_cell
+        return runner(cell, opts, tmpdir, index)
+
     try:
-        index = 0
-        for _ in range(opts.repeat):
-            for cell in cells:
-                runner = _run_qpipe_cell if cell.system == "qpipe" else _run_raw_cell
-                result = runner(cell, opts, tmpdir, index)
-                index += 1
-                samples[cell].append(result)
-                if progress is not None:
-                    progress(result)
+        results = median_rounds(cells, opts.repeat, measure, "items_per_s", progress)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     machine["loadavg_after"] = list(os.getloadavg())
-    results = []
-    for cell in cells:
-        runs = sorted(samples[cell], key=lambda r: r["items_per_s"])
-        results.append({**runs[(len(runs) - 1) // 2], "samples": [r["items_per_s"] for r in samples[cell]]})
     return {
         "machine": machine,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -875,25 +769,19 @@ def format_targets(report: dict[str, Any]) -> list[str]:
     lines = []
     for t in report["targets"]:
         goal = f"target >= {t['ratio']:g}x raw single-message {t['unit']}"
-        if t["status"] == "SKIP":
-            lines.append(f"SKIP  {t['label']}: not measured in this run ({goal})")
-        else:
-            lines.append(f"{t['status']}  {t['label']}: {t['measured']:.3f}x ({goal})")
+        measured = "not measured in this run" if t["status"] == "SKIP" else f"{t['measured']:.3f}x"
+        lines.append(format_target(t, f"{measured} ({goal})"))
     return lines
 
 
 def _header(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
-    load = m["loadavg_before"][0], m["loadavg_after"][0]
-    busy = max(load) > 0.5 * (m["cpus"] or 1)
+    busy = max(m["loadavg_before"][0], m["loadavg_after"][0]) > 0.5 * (m["cpus"] or 1)
     rounds = f", median of {s['repeat']} rounds" if s["repeat"] > 1 else ""
+    warning = " (WARNING: other processes were busy; rates are skewed)" if busy else ""
     return (
-        f"qpipe queue throughput, {report['date']}, {m['cpus']} CPUs, python {m['python']}, "
-        f"pyzmq {m['pyzmq']} / libzmq {m['libzmq']}\n"
-        f"command: {report.get('command', '?')}\n"
-        f"1-minute load average {load[0]:.2f} before, {load[1]:.2f} after"
-        f"{' (WARNING: other processes were busy; rates are skewed)' if busy else ''}\n"
-        f"{s['seconds']:g} s per cell after {s['warmup']:g} s of warm-up{rounds}; producer, consumer and host "
+        preamble("qpipe queue throughput", report, numpy=False, load_note=warning)
+        + f"{s['seconds']:g} s per cell after {s['warmup']:g} s of warm-up{rounds}; producer, consumer and host "
         f"in separate processes; MB = 10^6 bytes of payload.\n"
         f"raw = ZeroMQ PUSH/PULL, one item per message; qpipe/raw = qpipe items/s over raw items/s "
         f"(same size and transport).\n"
@@ -916,9 +804,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Measure qpipe queue throughput against raw ZeroMQ PUSH/PULL "
         "(producer, consumer and queue host in separate processes).",
     )
-    p.add_argument("--sizes", type=_csv(parse_size), help="item sizes, e.g. 64,4KiB,256KiB,4MiB (the default)")
-    p.add_argument("--transports", type=_csv(_choice(TRANSPORTS)), default=TRANSPORTS, help="ipc,tcp (default both)")
-    p.add_argument("--modes", type=_csv(_choice(MODES)), default=MODES, help="single,batched (default both)")
+    p.add_argument("--sizes", type=csv_list(parse_size), help="item sizes, e.g. 64,4KiB,256KiB,4MiB (the default)")
+    p.add_argument("--transports", type=csv_list(choice(TRANSPORTS)), default=TRANSPORTS, help="ipc,tcp (default both)")
+    p.add_argument("--modes", type=csv_list(choice(MODES)), default=MODES, help="single,batched (default both)")
     p.add_argument("--seconds", type=float, help="measured seconds per cell (default 1.5, --quick 0.25)")
     p.add_argument("--warmup", type=float, help="warm-up seconds per cell (default 0.3, --quick 0.1)")
     p.add_argument("--repeat", type=int, default=1, help="rounds; each cell reports its median (default 1)")
@@ -927,43 +815,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit with status 1 if an acceptance target fails")
     return p
 
-
-def _csv(parse: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
-    def parse_list(text: str) -> tuple[Any, ...]:
-        try:
-            return tuple(parse(x) for x in text.split(",") if x.strip())
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    return parse_list
-
-
-def _choice(choices: Sequence[str]) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        t = text.strip().lower()
-        if t not in choices:
-            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
-        return t
-
-    return parse
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    # SIGTERM would end this process without running the finally blocks that
-    # stop the children; raise KeyboardInterrupt instead, as SIGINT does.
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -983,22 +834,445 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
     seconds = args.seconds if args.seconds is not None else (0.25 if args.quick else 1.5)
     warmup = args.warmup if args.warmup is not None else (0.1 if args.quick else 0.3)
+    return run_main(
+        "qpipe bench",
+        lambda: run(sizes, args.transports, args.modes, seconds, warmup, args.repeat, _progress_line),
+        lambda report: _header(report) + "\n" + format_table(report),
+        command=" ".join(["qpipe", "bench", *argv] if argv is not None else ["python", *sys.argv]),
+        json_path=args.json,
+        strict=args.strict,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Harness helpers shared by the benchmarks in bench/
+#
+# bench/training.py, bench/serving.py and bench/model_parallel.py import these,
+# so that every benchmark parses lists, starts and stops its child processes,
+# heads its report and picks its exit status in the same way.
+
+THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def choice(choices: Sequence[str]) -> Callable[[str], str]:
+    """An argparse ``type``: one of ``choices``, matched case-insensitively.
+
+    The parser raises ValueError for anything else (argparse reports it as a
+    usage error; :func:`csv_list` passes its message on).
+
+    >>> choice(("ipc", "tcp"))(" TCP")
+    'tcp'
+    """
+
+    def parse(text: str) -> str:  # NOTE: argparse names this function ("invalid parse value")
+        t = text.strip().lower()
+        if t not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return t
+
+    return parse
+
+
+def csv_list(parse: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
+    """An argparse ``type``: a comma-separated list, each stripped item read by ``parse``.
+
+    Empty items are skipped. A ValueError from ``parse`` becomes an
+    ``argparse.ArgumentTypeError`` with the same message.
+
+    >>> csv_list(int)("1, 2,,4")
+    (1, 2, 4)
+    """
+
+    def parse_list(text: str) -> tuple[Any, ...]:
+        try:
+            return tuple(parse(x.strip()) for x in text.split(",") if x.strip())
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse_list
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block, SIGTERM raises KeyboardInterrupt, as SIGINT does.
+
+    SIGTERM would otherwise end the process without running the ``finally``
+    blocks that stop the children. Only the main thread can set signal
+    handlers; elsewhere the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        with _sigterm_as_interrupt():
-            report = run(sizes, args.transports, args.modes, seconds, warmup, args.repeat, _progress_line)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU count, platform, Python, NumPy, pyzmq and libzmq versions, and ``loadavg_before``.
+
+    ``loadavg_before`` is ``os.getloadavg()`` now; a benchmark adds
+    ``loadavg_after`` when it ends. Other processes on the machine skew every
+    number, and the load says whether there were any.
+    """
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "pyzmq": zmq.pyzmq_version(),
+        "libzmq": zmq.zmq_version(),
+        "loadavg_before": list(os.getloadavg()),
+    }
+
+
+def machine_cpu() -> tuple[float, float] | None:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat; None where unavailable.
+
+    The busy share of a window is the difference of two readings' busy over
+    that of their totals.
+    """
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    total = sum(vals[:8])
+    return float(total - idle), float(total)
+
+
+def die_with_parent(parent: int) -> None:
+    """Make a child process end with its parent; call it first thing in the child.
+
+    On Linux the kernel sends the child SIGKILL when the parent dies
+    (``PR_SET_PDEATHSIG``), since a parent killed by SIGKILL runs no
+    ``finally`` block. Exits at once if ``parent`` (the parent's PID, passed
+    down) is already gone.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def blas_threads(n: int, names: Sequence[str] = THREAD_VARS) -> Iterator[None]:
+    """Inside the block, the environment variables ``names`` say ``n`` BLAS/OpenMP threads.
+
+    Child processes started inside inherit them (spawned children copy
+    ``os.environ``); the old values are restored on exit. Not thread-safe:
+    it changes this process's environment.
+    """
+    old = {k: os.environ.get(k) for k in names}
+    os.environ.update({k: str(n) for k in names})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def stop_processes(procs: Iterable[multiprocessing.process.BaseProcess], grace: float) -> None:
+    """Join every process; SIGTERM, then SIGKILL, each still running ``grace`` seconds from now.
+
+    Blocks for at most ``grace`` seconds, plus ``2 * grace`` for each process
+    still running then. Each is stopped by its own PID, never by name.
+    """
+    procs = list(procs)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.exitcode is None:
+            p.terminate()
+            p.join(grace)
+        if p.exitcode is None:
+            p.kill()
+            p.join(grace)
+
+
+def _child(
+    role: str, body: Callable[..., None], parent: int | None, conn: mp_connection.Connection, *args: Any
+) -> None:
+    if parent is not None:
+        die_with_parent(parent)
+    try:
+        body(conn, *args)
+    except BaseException:  # report everything, including KeyboardInterrupt, then exit non-zero
+        with contextlib.suppress(Exception):
+            conn.send(("error", f"{role} (pid {os.getpid()}) failed:\n{traceback.format_exc()}"))
+        raise SystemExit(1) from None
+    finally:
+        conn.close()
+
+
+def queue_host_body(conn: mp_connection.Connection, address: str, max_message_size: int | None = None) -> None:
+    """A :class:`Children` body: a ``qpipe.QueueServer`` on ``address`` until the parent says ``"stop"``.
+
+    Sends ``("ready", bound address)``, then ``("done", {})`` once stopped.
+    """
+    server = qpipe.QueueServer(address, max_message_size=max_message_size)
+    server.start()
+    try:
+        conn.send(("ready", server.address))
+        conn.recv()  # the parent's "stop"; EOF if the parent died
+    except EOFError:
+        pass
+    finally:
+        server.stop()
+    conn.send(("done", {}))
+
+
+class Children:
+    """The child processes of one cell, started with ``spawn``; :meth:`stop` joins or kills each by its PID.
+
+    A child runs ``body(conn, *args)`` and talks to the parent over its Pipe
+    end ``conn``: it sends ``(kind, payload)`` tuples, such as ``("ready",
+    x)`` and ``("done", x)``; if ``body`` raises, the child sends ``("error",
+    traceback text)`` and exits with status 1. Messages from all children are
+    read as they come and kept per child, so waiting for one child never loses
+    another's message, and an error from any child fails the cell at once.
+
+    Subclasses may set the class attributes: ``name`` (the processes' name
+    prefix), ``die_with_parent`` (children ask the kernel to kill them should
+    the parent die, see :func:`die_with_parent`) and ``threads`` (BLAS/OpenMP
+    threads per child, see :func:`blas_threads`; None leaves the environment
+    alone). Not thread-safe: one thread drives a cell.
+    """
+
+    name = "qpipe-bench"
+    die_with_parent = False
+    threads: int | None = None
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.procs: dict[str, multiprocessing.process.BaseProcess] = {}
+        self.conns: dict[str, mp_connection.Connection] = {}
+        self.inbox: dict[str, collections.deque[tuple[str, Any]]] = {}
+        self.eof: set[str] = set()
+        self.finished: set[str] = set()  # roles whose exit (code 0) is expected
+
+    def spawn(self, role: str, body: Callable[..., None], *args: Any) -> None:
+        """Start ``body(conn, *args)`` in a new process known as ``role``; returns once it has started."""
+        parent_end, child_end = _CTX.Pipe()
+        parent = os.getpid() if self.die_with_parent else None
+        p = _CTX.Process(
+            target=_child, args=(role, body, parent, child_end, *args), name=f"{self.name}-{role}", daemon=True
+        )
+        with blas_threads(self.threads) if self.threads is not None else contextlib.nullcontext():
+            p.start()
+        child_end.close()
+        self.procs[role], self.conns[role] = p, parent_end
+        self.inbox[role] = collections.deque()
+
+    def pids(self) -> dict[str, int]:
+        """role -> PID of every child started."""
+        return {r: p.pid for r, p in self.procs.items()}
+
+    def send(self, role: str, obj: Any) -> None:
+        """Send ``obj`` (pickled) to the child ``role``."""
+        self.conns[role].send(obj)
+
+    def _drain(self) -> None:
+        for role, conn in self.conns.items():
+            while role not in self.eof and conn.poll():
+                try:
+                    msg = conn.recv()
+                except EOFError:
+                    self.eof.add(role)
+                    break
+                if msg[0] == "error":
+                    raise BenchmarkError(f"{self.label}: {msg[1]}")
+                self.inbox[role].append(msg)
+
+    def _check_exits(self, waiting_for: str) -> set[str]:
+        exited = {r for r, p in self.procs.items() if p.exitcode is not None}
+        self._drain()  # whatever a child sent before exiting is in its pipe by now
+        for r in exited:
+            code = self.procs[r].exitcode
+            if code != 0 or (r not in self.finished and not self.inbox[r]):
+                raise BenchmarkError(f"{self.label}: the {r} process (pid {self.procs[r].pid}) exited with code "
+                                     f"{code} while the benchmark waited for {waiting_for}")
+        return exited
+
+    def expect(self, role: str, kind: str, timeout: float) -> Any:
+        """Wait for ``role`` to send ``(kind, payload)``; return the payload.
+
+        Blocks for at most ``timeout`` seconds.
+
+        Raises
+        ------
+        BenchmarkError
+            If any child reports an error, exits with a non-zero code or exits
+            before sending ``"done"``; if ``role`` exits without sending
+            ``kind`` or sends something else first; or after ``timeout``
+            seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            # Exit codes first: whatever a child sent before exiting is in its pipe by then.
+            exited = {r for r, p in self.procs.items() if p.exitcode is not None}
+            self._drain()
+            if self.inbox[role]:
+                got, payload = self.inbox[role].popleft()
+                if got != kind:
+                    raise BenchmarkError(f"{self.label}: expected {kind!r} from the {role} process, got {got!r}")
+                if kind == "done":
+                    self.finished.add(role)
+                return payload
+            for r in exited:
+                code = self.procs[r].exitcode
+                if code != 0 or r == role or (r not in self.finished and not self.inbox[r]):
+                    raise BenchmarkError(
+                        f"{self.label}: the {r} process (pid {self.procs[r].pid}) exited with code {code} "
+                        f"while the benchmark waited for {kind!r} from the {role} process"
+                    )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchmarkError(f"{self.label}: no {kind!r} from the {role} process within {timeout:g} s")
+            waitables: list[Any] = [c for r, c in self.conns.items() if r not in self.eof]
+            waitables += [p.sentinel for r, p in self.procs.items() if r not in exited]
+            mp_connection.wait(waitables, left)
+
+    def watch(self, seconds: float) -> None:
+        """Sleep ``seconds``; raise BenchmarkError at once if a child reports an error or exits early."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            for c in self.conns.values():
+                if c.poll():
+                    self._drain()  # raises on an error; keeps anything else
+                    break
+            if any(p.exitcode is not None for p in self.procs.values()):
+                self._check_exits("the measured window to end")
+            time.sleep(min(left, 0.05))
+
+    def stop(self, grace: float) -> None:
+        """Join every child; SIGTERM, then SIGKILL, any still running ``grace`` seconds from now."""
+        stop_processes(self.procs.values(), grace)
+        for c in self.conns.values():
+            c.close()
+        for p in self.procs.values():
+            p.close()
+
+
+def median_rounds(
+    cells: Sequence[Any],
+    repeat: int,
+    measure: Callable[[Any, int], dict[str, Any]],
+    rate: str,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Measure every cell once per round, ``repeat`` rounds; return each cell's median round.
+
+    ``measure(cell, index)`` returns one measurement; ``index`` counts the
+    measurements from 0 (for unique socket paths and queue names). Rounds
+    interleave the cells, so that a burst of load from elsewhere hits one
+    round of each. ``progress`` is called with every measurement. Each
+    result is the cell's median round by ``result[rate]``, with ``samples``:
+    the ``rate`` of every round, in order.
+    """
+    samples: dict[Any, list[dict[str, Any]]] = {c: [] for c in cells}
+    index = 0
+    for _ in range(repeat):
+        for cell in cells:
+            result = measure(cell, index)
+            index += 1
+            samples[cell].append(result)
+            if progress is not None:
+                progress(result)
+    results = []
+    for cell in cells:
+        runs = sorted(samples[cell], key=lambda r: r[rate])
+        results.append({**runs[(len(runs) - 1) // 2], "samples": [r[rate] for r in samples[cell]]})
+    return results
+
+
+def or_dash(value: float | None, fmt: str) -> str:
+    """``format(value, fmt)``, or a ``-`` of the same width and alignment for None (a table cell).
+
+    >>> or_dash(None, ">6.1f"), or_dash(2.0, ">6.1f")
+    ('     -', '   2.0')
+    """
+    if value is None:
+        m = re.match(r"([<>^]?)(\d*)", fmt)
+        return format("-", f"{m.group(1) or '>'}{m.group(2)}")
+    return format(value, fmt)
+
+
+def preamble(title: str, report: dict[str, Any], *, numpy: bool = True, load_note: str = "") -> str:
+    """The first three lines of a report, each ending in a newline.
+
+    What and when (``title``, ``report["date"]``), the machine's CPUs and
+    versions (``report["machine"]`` as from :func:`machine_info`; NumPy's
+    unless ``numpy`` is False), the command that ran, and the 1-minute load
+    average before and after, followed by ``load_note`` (a warning, say).
+    """
+    m = report["machine"]
+    numpy_version = f"numpy {m['numpy']}, " if numpy else ""
+    return (
+        f"{title}, {report['date']}, {m['cpus']} CPUs, python {m['python']}, {numpy_version}"
+        f"pyzmq {m['pyzmq']} / libzmq {m['libzmq']}\n"
+        f"command: {report.get('command', '?')}\n"
+        f"1-minute load average {m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after{load_note}\n"
+    )
+
+
+def format_target(target: dict[str, Any], detail: str) -> str:
+    """One acceptance line: ``PASS  label: detail`` (or FAIL, SKIP: ``target["status"]``)."""
+    return f"{target['status']}  {target['label']}: {detail}"
+
+
+def run_main(
+    prog: str,
+    measure: Callable[[], dict[str, Any]],
+    render: Callable[[dict[str, Any]], str],
+    *,
+    command: str,
+    json_path: str | None = None,
+    strict: bool = False,
+) -> int:
+    """The end of a benchmark's ``main``: measure, print the report, save it, return the exit status.
+
+    Blocks while ``measure()`` runs, with SIGTERM raising KeyboardInterrupt
+    (see :func:`sigterm_as_interrupt`) so that its ``finally`` blocks stop
+    every child. Then sets ``report["command"] = command``, prints
+    ``render(report)`` to stdout and, with ``json_path``, writes the report
+    there as indented JSON.
+
+    Returns
+    -------
+    int
+        0 on success; 1 with ``strict`` if a target's status is FAIL; 2 if
+        ``measure`` raised :class:`BenchmarkError` (``prog: FAILED: reason``
+        on stderr); 130 if interrupted (SIGINT or SIGTERM).
+    """
+    try:
+        with sigterm_as_interrupt():
+            report = measure()
     except BenchmarkError as e:
-        print(f"qpipe bench: FAILED: {e}", file=sys.stderr)
+        print(f"{prog}: FAILED: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("qpipe bench: interrupted; child processes stopped", file=sys.stderr)
+        print(f"{prog}: interrupted; child processes stopped", file=sys.stderr)
         return 130
-    report["command"] = " ".join(["qpipe", "bench", *argv] if argv is not None else ["python", *sys.argv])
-    print(_header(report))
-    print(format_table(report))
-    if args.json:
-        with open(args.json, "w") as f:
+    report["command"] = command
+    print(render(report))
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
-    if args.strict and any(t["status"] == "FAIL" for t in report["targets"]):
+    if strict and any(t["status"] == "FAIL" for t in report["targets"]):
         return 1
     return 0

@@ -11,6 +11,9 @@
 * ``run_async``: run a coroutine on a fresh asyncio or uvloop loop (async-only tests).
 * ``raw_dealer``: plain pyzmq DEALER sockets for sending hand-made frames.
 * ``processes``: every process a test starts, terminated and joined at teardown.
+* ``procs``: ``procs(args, ...)`` starts ``python -m qpipe.cli ARGS`` as a
+  :class:`_procs.Proc` (own session, output pumped by threads); at teardown each one's
+  process group and every process seen below it are killed by PID.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 import pytest
 import zmq
+from _procs import Proc
 
 import qpipe
 
@@ -288,6 +292,21 @@ def processes():
             os.kill(p.pid, 9)
             p.join(5)
         p.close()
+
+
+@pytest.fixture
+def procs():
+    """``procs(args, ...)`` starts a :class:`_procs.Proc`; all are stopped by PID at teardown."""
+    started: list[Proc] = []
+
+    def start(args: list, **kwargs: Any) -> Proc:
+        p = Proc(args, **kwargs)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])

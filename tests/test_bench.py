@@ -80,7 +80,7 @@ def test_batches_keep_messages_within_4_mib():
 
 
 def test_a_failing_child_fails_the_cell_and_is_reaped():
-    children = bench._Children("qpipe/ipc/64 B/single")
+    children = bench.Children("qpipe/ipc/64 B/single")
     try:
         children.spawn("consumer", bench._raw_consumer_body)
         children.send("consumer", {})  # no job fields: the child raises KeyError

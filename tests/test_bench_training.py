@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from _procs import alive, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "training.py"
@@ -25,30 +24,9 @@ pytestmark = pytest.mark.timeout(150)
 RUN_TIMEOUT = 120.0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")  # a zombie has exited; its parent (or init) reaps it
-
-
 def _run_script(*args: str) -> subprocess.CompletedProcess:
     """Run the harness in its own session; on timeout SIGTERM it (it stops its children), then kill the group."""
-    p = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True, cwd=ROOT)
-    try:
-        out, err = p.communicate(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        p.send_signal(signal.SIGTERM)
-        try:
-            out, err = p.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            out, err = p.communicate()
-        pytest.fail(f"bench/training.py did not finish within {RUN_TIMEOUT} s\n{out}\n{err}")
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    return run_script([sys.executable, str(SCRIPT), *args], RUN_TIMEOUT, cwd=ROOT)
 
 
 def test_a_quick_run_measures_sync_and_async_with_one_trainer(tmp_path):
@@ -83,7 +61,7 @@ def test_a_quick_run_measures_sync_and_async_with_one_trainer(tmp_path):
         assert r["trainer_ms"]["sleep"] >= 5.0
         assert all(math.isfinite(x) for x in r["final_loss"])
         # every process of the cell has been stopped
-        assert r["pids"] and not [pid for pid in r["pids"] if _alive(pid)]
+        assert r["pids"] and not [pid for pid in r["pids"] if alive(pid)]
 
     targets = report["targets"]
     assert {(t["mode"], t["trainers"]) for t in targets} == {("sync", 4), ("async", 4)}
@@ -111,7 +89,7 @@ def test_batches_can_come_through_a_queue_and_parameters_from_two_shards(tmp_pat
     assert r["with_queue"] and r["shards"] == 2 and len(r["updates_per_shard"]) == 2
     assert r["feeder_batches"] > 0 and r["updates"] > 0
     assert r["trainer_ms"]["input"] > 0
-    assert not [pid for pid in r["pids"] if _alive(pid)]
+    assert not [pid for pid in r["pids"] if alive(pid)]
 
 
 def test_ideal_rates():
@@ -154,6 +132,6 @@ def test_a_failing_child_fails_loudly_and_is_stopped():
     finally:
         children.stop(grace=5.0)
     deadline = time.monotonic() + 5
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(pid)
+    assert not alive(pid)

@@ -1,8 +1,9 @@
 """Sweeps and ensembles: the aggregator's matching logic (pure), then ``qpipe run`` end to end.
 
-The end-to-end runs use ``test_launcher.Proc`` (own session, output pumped by a thread,
-the launcher's group and every process seen below it killed by PID at teardown). Waits
-are on output lines, files or exits, each with a bound.
+The end-to-end runs use ``_procs.Proc`` from the ``procs`` fixture in ``conftest.py``
+(own session, output pumped by a thread, the launcher's group and every process seen
+below it killed by PID at teardown). Waits are on output lines, files or exits, each
+with a bound.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_launcher import Proc, poll_for, summary
+from _procs import poll_for, summary
 
 from nodes.aggregator import GONE, HEALTHY, STARTING, SUSPECT, Matcher, combine
 from nodes.leaderboard import rank
@@ -223,21 +224,6 @@ def test_ranking_is_by_validation_accuracy_then_member():
 
 
 # -- end to end ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def procs():
-    """``procs(args, ...)`` starts a :class:`Proc`; all are stopped by PID at teardown."""
-    started: list[Proc] = []
-
-    def start(args: list[str], **kwargs) -> Proc:
-        p = Proc(args, **kwargs)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.stop()
 
 
 def variant(tmp_path: Path, replace: dict[str, str], source: str = "ensemble.toml", append: str = "") -> Path:

@@ -1,210 +1,31 @@
 """End-to-end runs of ``qpipe run`` / ``validate`` / ``node`` through the CLI, as subprocesses.
 
-Every process a test starts is a :class:`Proc` from the ``procs`` fixture: its
-own session, output pumped by a thread, and at teardown it and every process it
-spawned (found through ``/proc``) are killed by PID. Waits are on output lines
-or process exits, each with a bound; no test sleeps to order events.
+Every process a test starts is a :class:`_procs.Proc` from the ``procs`` fixture
+(``conftest.py``): its own session, output pumped by a thread, and at teardown it
+and every process it spawned (found through ``/proc``) are killed by PID. Waits are
+on output lines or process exits, each with a bound; no test sleeps to order events.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import textwrap
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
+from _procs import WAIT, Proc, alive, clean_env, digits_rows, poll_for, start_time, summary
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "topologies" / "data" / "digits"
-WAIT = 30.0  # bound on a run or a line that should come within seconds
-
-
-# -- processes ------------------------------------------------------------------------
-
-
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, start time in clock ticks, state) for every process now."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        out[int(entry)] = (int(fields[1]), int(fields[19]), fields[0])
-    return out
-
-
-def descendants(root: int) -> dict[int, int]:
-    """pid -> start time of every live process below ``root``."""
-    table = _proc_table()
-    found: dict[int, int] = {}
-    todo = [root]
-    while todo:
-        parent = todo.pop()
-        for pid, (ppid, start, _state) in table.items():
-            if ppid == parent and pid not in found:
-                found[pid] = start
-                todo.append(pid)
-    return found
-
-
-def start_time(pid: int) -> int | None:
-    return _proc_table().get(pid, (0, None, ""))[1]
-
-
-def alive(pid: int, start: int | None) -> bool:
-    """Whether the process ``pid`` that started at ``start`` still runs (zombies count as gone)."""
-    entry = _proc_table().get(pid)
-    return entry is not None and entry[2] != "Z" and (start is None or entry[1] == start)
-
-
-def poll_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QPIPE_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-class Proc:
-    """A ``python -m qpipe.cli ...`` subprocess with its output collected line by line."""
-
-    def __init__(self, args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
-                 prefix: list[str] | None = None) -> None:
-        self.args = [*(prefix or []), sys.executable, "-m", "qpipe.cli", *map(str, args)]
-        self.lines: list[tuple[str, str]] = []  # (stream, line)
-        self._cond = threading.Condition()
-        self._open = 2
-        self.popen = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      stdin=subprocess.DEVNULL, text=True, env=env or clean_env(), cwd=cwd,
-                                      start_new_session=True)
-        self.pid = self.popen.pid
-        self.known: dict[int, int | None] = {}  # pids seen below this process -> start time
-        self._threads = [threading.Thread(target=self._pump, args=(s, n), daemon=True)
-                         for s, n in ((self.popen.stdout, "out"), (self.popen.stderr, "err"))]
-        for t in self._threads:
-            t.start()
-
-    def _pump(self, stream, name: str) -> None:
-        for line in stream:
-            with self._cond:
-                self.lines.append((name, line.rstrip("\n")))
-                self._cond.notify_all()
-        with self._cond:
-            self._open -= 1
-            self._cond.notify_all()
-
-    @property
-    def output(self) -> str:
-        with self._cond:
-            return "\n".join(line for _, line in self.lines)
-
-    @property
-    def stdout(self) -> str:
-        with self._cond:
-            return "\n".join(line for s, line in self.lines if s == "out")
-
-    def wait_for(self, pattern: str, timeout: float = WAIT, stream: str | None = None) -> re.Match:
-        """The first line matching ``pattern``; fails on timeout or when the output ends without one."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for s, line in self.lines:
-                    m = rx.search(line)
-                    if m and (stream is None or s == stream):
-                        return m
-                left = deadline - time.monotonic()
-                if self._open == 0 or left <= 0:
-                    why = "output ended" if self._open == 0 else f"timed out after {timeout:g} s"
-                    raise AssertionError(f"{why} without a line matching {pattern!r} from {self.args[-4:]};"
-                                         f" output:\n{self.output_unlocked()}")
-                self._cond.wait(left)
-
-    def output_unlocked(self) -> str:
-        return "\n".join(line for _, line in self.lines)
-
-    def track_children(self) -> dict[int, int | None]:
-        """Remember every process now below this one (for the orphan check and teardown)."""
-        self.known.update(descendants(self.pid))
-        return self.known
-
-    def wait(self, timeout: float = WAIT) -> int:
-        try:
-            rc = self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.args[-4:]} still running after {timeout:g} s; output:\n"
-                                 f"{self.output}") from None
-        for t in self._threads:
-            t.join(WAIT)
-        return rc
-
-    def stop(self) -> None:
-        """Kill this process's group and every process ever seen below it, by PID."""
-        if self.popen.poll() is None:
-            self.track_children()
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.popen.wait(WAIT)
-        for pid, start in self.known.items():
-            if alive(pid, start):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for s in (self.popen.stdout, self.popen.stderr):
-            s.close()
-
-
-@pytest.fixture
-def procs():
-    """``procs(args, ...)`` starts a :class:`Proc`; all are stopped by PID at teardown."""
-    started: list[Proc] = []
-
-    def start(args: list[str], **kwargs) -> Proc:
-        p = Proc(args, **kwargs)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.stop()
 
 
 # -- data and topologies -------------------------------------------------------------
-
-
-def digits_rows() -> tuple[int, Counter]:
-    """Rows and label histogram of the training shards, read here rather than hard-coded."""
-    labels: Counter = Counter()
-    for path in sorted(DIGITS.glob("train-*.csv")):
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                labels[row["label"]] += 1
-    return sum(labels.values()), labels
 
 
 def write(path: Path, text: str) -> Path:
@@ -307,10 +128,6 @@ def user_topology(tmp_path: Path, src_kind: str, src_extra: str = "", *, timeout
         [nodes.sink.params]
         batch_size = 4
         """)
-
-
-def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
 
 
 # -- qpipe run: the default pipeline ------------------------------------------------------

@@ -10,7 +10,6 @@ stopped by PID and the links and namespaces are deleted in a finally.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -21,18 +20,15 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
-import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
+from _procs import Proc, digits_rows
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "topologies" / "data" / "digits"
-WAIT = 30.0
 PORT = 5555  # fixed, as remote queue hosts need; the hub namespace is new, so it is free
 
 
@@ -90,81 +86,6 @@ class Net:
         return problems
 
 
-class NodeProc:
-    """``ip netns exec NS python -m qpipe.cli node FILE NAME ...``; stdout and stderr kept apart."""
-
-    def __init__(self, ns: str, args: list[str]) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("QPIPE_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        self.args = ["ip", "netns", "exec", ns, sys.executable, "-m", "qpipe.cli", "node", *map(str, args)]
-        self.lines: list[tuple[str, str]] = []
-        self._cond = threading.Condition()
-        self._open = 2
-        self.popen = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      stdin=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
-        self.pid = self.popen.pid  # ip execs python: this is the node's own PID
-        self._threads = [threading.Thread(target=self._pump, args=(s, n), daemon=True)
-                         for s, n in ((self.popen.stdout, "out"), (self.popen.stderr, "err"))]
-        for t in self._threads:
-            t.start()
-
-    def _pump(self, stream, name: str) -> None:
-        for line in stream:
-            with self._cond:
-                self.lines.append((name, line.rstrip("\n")))
-                self._cond.notify_all()
-        with self._cond:
-            self._open -= 1
-            self._cond.notify_all()
-
-    @property
-    def output(self) -> str:
-        with self._cond:
-            return "\n".join(f"{s}| {line}" for s, line in self.lines)
-
-    def wait_for_stdout(self, prefix: str, timeout: float = WAIT) -> str:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for s, line in self.lines:
-                    if s == "out" and line.startswith(prefix):
-                        return line[len(prefix):]
-                left = deadline - time.monotonic()
-                if self._open == 0 or left <= 0:
-                    raise AssertionError(f"no {prefix!r} line on stdout of {self.args[3:]!r} "
-                                         f"({'output ended' if self._open == 0 else 'timed out'}); output:\n"
-                                         + "\n".join(f"{s}| {x}" for s, x in self.lines))
-                self._cond.wait(left)
-
-    def results(self) -> dict:
-        out: dict = {}
-        with self._cond:
-            for s, line in self.lines:
-                if s == "out" and line.startswith("QPIPE-RESULT "):
-                    out.update(json.loads(line[len("QPIPE-RESULT "):]))
-        return out
-
-    def wait(self, timeout: float = WAIT) -> int:
-        try:
-            rc = self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.args[3:]} still running after {timeout:g} s; output:\n"
-                                 f"{self.output}") from None
-        for t in self._threads:
-            t.join(WAIT)
-        return rc
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.popen.wait(WAIT)
-        for s in (self.popen.stdout, self.popen.stderr):
-            s.close()
-
-
 @pytest.fixture
 def net():
     if sys.platform != "linux":
@@ -188,26 +109,13 @@ def net():
 
 
 @pytest.fixture
-def nodes():
-    started: list[NodeProc] = []
+def nodes(procs):
+    """``nodes(ns, args)``: ``ip netns exec NS python -m qpipe.cli node ARGS``, a Proc stopped at teardown."""
 
-    def start(ns: str, args: list[str]) -> NodeProc:
-        p = NodeProc(ns, args)
-        started.append(p)
-        return p
+    def start(ns: str, args: list) -> Proc:
+        return procs(["node", *args], prefix=["ip", "netns", "exec", ns])  # ip execs python: same PID
 
-    yield start
-    for p in started:
-        p.stop()
-
-
-def digits_rows() -> tuple[int, Counter]:
-    labels: Counter = Counter()
-    for path in sorted(DIGITS.glob("train-*.csv")):
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                labels[row["label"]] += 1
-    return sum(labels.values()), labels
+    return start
 
 
 def topology(path: Path, net: Net, epochs: int) -> Path:
@@ -268,7 +176,7 @@ def test_nodes_in_three_namespaces_move_every_item_through_one_queue_host(tmp_pa
     topo = topology(tmp_path / "multihost.toml", net, epochs)
 
     qh = nodes(net.ns["hub"], [topo, "qh"])
-    address = qh.wait_for_stdout("QPIPE-READY ")  # a handshake: the host is bound
+    address = qh.wait_for(r"^QPIPE-READY (.*)", stream="out").group(1)  # a handshake: the host is bound
     assert address == f"tcp://{net.addr['hub']}:{PORT}"
     assert os.readlink(f"/proc/{qh.pid}/ns/net") != os.readlink("/proc/self/ns/net")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _procs import clean_env, run_script
 
 import qpipe
 from nodes import model
@@ -255,28 +255,7 @@ def test_csv_inputs_come_with_labels_when_the_file_has_a_label_column():
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QPIPE_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-@pytest.fixture
-def procs():
-    """Started subprocesses (own sessions); each is stopped by its PID at teardown."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if p.poll() is not None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(5)
-        for s in (p.stdout, p.stderr):
-            if s is not None:
-                s.close()
+    return clean_env(PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 SERVING_TOML = """
@@ -312,31 +291,17 @@ def predictors(tmp_path, procs):
     model.save_model(tmp_path / "model", params, {"input_scale": 0.0625})
     topo = tmp_path / "serving.toml"
     topo.write_text(SERVING_TOML)
-    host = subprocess.Popen([sys.executable, "-m", "qpipe.cli", "node", str(topo), "qh"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True, env=_env(),
-                            start_new_session=True)
-    procs.append(host)
-    address = None
-    deadline = time.monotonic() + WAIT
-    for line in host.stdout:
-        if line.startswith("QPIPE-READY "):
-            address = line.split()[1]
-            break
-        assert time.monotonic() < deadline, "queue host did not report ready"
-    assert address, "queue host ended without an address"
+    host = procs(["node", topo, "qh"], env=_env())
+    address = host.wait_for(r"^QPIPE-READY (\S+)", WAIT, stream="out").group(1)
     env = _env() | {"QPIPE_QUEUE_HOSTS": json.dumps({"qh": address})}
-    for i in range(3):
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "qpipe.cli", "node", str(topo), "predictor", "--replica", str(i)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env,
-            start_new_session=True))
+    replicas = [procs(["node", topo, "predictor", "--replica", i], env=env) for i in range(3)]
     with ServingClient(address, "requests", timeout=WAIT) as sc:
         sc.wait_ready(3, timeout=30.0)
     yield address, params, topo
     with qpipe.connect(address, timeout=WAIT) as c:
         c.queue("requests").close()
-    for p in procs[1:]:
-        assert p.wait(WAIT) == 0, p.stderr.read()
+    for p in replicas:
+        assert p.wait(WAIT) == 0, p.output
 
 
 @pytest.mark.slow
@@ -405,16 +370,10 @@ def test_the_shipped_serving_topology_completes_and_reports_its_numbers(tmp_path
 @pytest.mark.timeout(150)
 def test_the_benchmark_smoke_run_measures_and_checks(tmp_path):
     out_json = tmp_path / "serving.json"
-    p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "serving.py"), "--quick", "--replicas", "1,2",
-                          "--delay-ms", "5", "--seconds", "0.5", "--warmup", "0.2", "--aggregator-requests", "20",
-                          "--json", str(out_json)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=_env(), start_new_session=True)
-    try:
-        stdout, stderr = p.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        p.send_signal(signal.SIGTERM)  # the benchmark stops its children on SIGTERM
-        stdout, stderr = p.communicate(timeout=20)
-        pytest.fail(f"bench/serving.py did not finish in time\n{stdout}\n{stderr}")
+    p = run_script([sys.executable, str(ROOT / "bench" / "serving.py"), "--quick", "--replicas", "1,2",
+                    "--delay-ms", "5", "--seconds", "0.5", "--warmup", "0.2", "--aggregator-requests", "20",
+                    "--json", str(out_json)], 120, env=_env(), grace=20)
+    stdout, stderr = p.stdout, p.stderr
     assert p.returncode == 0, stdout + stderr
     report = json.loads(out_json.read_text())
     cells = {r["replicas"]: r for r in report["results"]}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _procs import clean_env
 
 import qpipe
 from nodes import model, slicing
@@ -300,9 +301,9 @@ def test_qpipe_run_of_a_sliced_topology_saves_the_unsliced_models_parameters(tmp
     train = DIGITS / "train-0.csv"
     topo = tmp_path / "sliced.toml"
     topo.write_text(TOPOLOGY.format(train=train, test=DIGITS / "test.csv", scheme="pipeline"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QPIPE_")}
     proc = subprocess.run([sys.executable, "-m", "qpipe.cli", "run", str(topo), "--run-dir", str(tmp_path / "run"),
-                           "--quiet"], check=False, capture_output=True, text=True, timeout=50, env=env, cwd=REPO)
+                           "--quiet"], check=False, capture_output=True, text=True, timeout=50, env=clean_env(),
+                          cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed"

@@ -1,9 +1,9 @@
 """Data-parallel training end to end: ``qpipe run`` on the data-parallel topologies, as subprocesses.
 
-Processes are ``test_launcher.Proc`` objects from a ``procs`` fixture like the one
-in ``test_launcher.py`` (own session, output pumped by a thread, the launcher's
-process group and every process seen below it killed by PID at teardown). Waits
-are on output lines or exits, each with a bound.
+Processes are ``_procs.Proc`` objects from the ``procs`` fixture in ``conftest.py``
+(own session, output pumped by a thread, the launcher's process group and every
+process seen below it killed by PID at teardown). Waits are on output lines or
+exits, each with a bound.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from test_launcher import Proc, summary
+from _procs import summary
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -24,21 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 TOPOLOGIES = REPO / "topologies"
 DIGITS = TOPOLOGIES / "data" / "digits"
 RUN = 45.0  # bound on one training run (each takes ~5-8 s)
-
-
-@pytest.fixture
-def procs():
-    """``procs(args, ...)`` starts a :class:`Proc`; all are stopped by PID at teardown."""
-    started: list[Proc] = []
-
-    def start(args: list[str], **kwargs) -> Proc:
-        p = Proc(args, **kwargs)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.stop()
 
 
 def ps_shards(s: dict) -> list[dict]:
