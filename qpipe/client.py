@@ -39,7 +39,7 @@ from .errors import (
     error_from_code,
 )
 from .spec import ItemChecker, QueueSpec
-from .transport import check_address, connect_dealer, default_context
+from .transport import check_address, connect_dealer, default_context, recv_frames, send_frames
 from .xp import settings
 
 __all__ = ["AsyncClient", "AsyncQueue", "Client", "Queue", "aconnect", "connect"]
@@ -257,7 +257,7 @@ class Client(_ClientBase):
               timeout: float | None = None) -> tuple[dict[str, Any], list[np.ndarray]]:
         req_id, frames, small = self._frames(op, fields, arrays)
         sock = self._socket()
-        sock.send_multipart(frames, copy=small)
+        send_frames(sock, frames, copy=small)
         start = now = time.monotonic()
         guard = None if timeout is None else start + timeout + _grace(timeout)
         last_rx = start
@@ -267,7 +267,7 @@ class Client(_ClientBase):
         while True:
             wait = beat if guard is None else min(beat, max(0.0, guard - now))
             if sock.poll(int(wait * 1000) + 1, zmq.POLLIN):
-                header, out = wire.decode(sock.recv_multipart(copy=False), None)
+                header, out = wire.decode(recv_frames(sock), None)
                 now = last_rx = time.monotonic()
                 pinged = False
                 rid = header.get("id")

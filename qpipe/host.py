@@ -47,7 +47,7 @@ from .errors import (
 )
 from .queues import DequeueRequest, EnqueueRequest, Queue, make_queue
 from .spec import QueueSpec, _compatible, _shape_str, batch_nbytes
-from .transport import bind_router, default_context
+from .transport import bind_router, default_context, recv_frames, send_frames
 from .xp import settings
 
 __all__ = ["QueueHost", "QueueServer"]
@@ -123,10 +123,9 @@ class QueueHost:
 
     def _drain(self) -> None:
         sock = self.sock
-        recv = sock.recv_multipart
         while True:
             try:
-                frames = recv(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock, block=False)
             except zmq.Again:
                 return
             except zmq.ZMQError:
@@ -138,7 +137,7 @@ class QueueHost:
     def _send(self, ident: bytes, header: dict[str, Any], arrays: list[np.ndarray] = ()) -> bool:
         frames = wire.encode(header, arrays)
         try:
-            self.sock.send_multipart([ident, *frames], flags=zmq.NOBLOCK, copy=len(frames) == 1)
+            send_frames(self.sock, [ident, *frames], copy=len(frames) == 1, block=False)
             return True
         except zmq.ZMQError as e:
             if e.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):

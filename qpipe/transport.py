@@ -26,7 +26,39 @@ import zmq
 
 from .errors import InvalidArgumentError
 
-__all__ = ["bind_router", "check_address", "connect_dealer", "default_context"]
+__all__ = ["bind_router", "check_address", "connect_dealer", "default_context", "recv_frames", "send_frames"]
+
+# NOTE: plain ints, not zmq's enum flags: pyzmq's send_multipart/recv_multipart
+# combine enum flags and query RCVMORE for every frame, which costs more than
+# the frame itself for small messages.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+
+
+def send_frames(sock: zmq.Socket, frames: list[Any], copy: bool = True, block: bool = True) -> None:
+    """Send a multipart message; ``copy=False`` sends large buffers without copying.
+
+    Raises ``zmq.Again`` when ``block`` is false and the message cannot be queued.
+    """
+    flags = 0 if block else _NOBLOCK
+    send = sock.send
+    last = len(frames) - 1
+    for i, f in enumerate(frames):
+        send(f, flags | _SNDMORE if i < last else flags, copy=copy)
+
+
+def recv_frames(sock: zmq.Socket, block: bool = True) -> list[Any]:
+    """Receive a multipart message as ``zmq.Frame`` objects (no copy).
+
+    Raises ``zmq.Again`` when ``block`` is false and no message is waiting.
+    """
+    flags = 0 if block else _NOBLOCK
+    f = sock.recv(flags, copy=False)
+    frames = [f]
+    while f.more:
+        f = sock.recv(flags, copy=False)
+        frames.append(f)
+    return frames
 
 _ADDRESS = re.compile(r"^(tcp|ipc|inproc)://(.+)$")
 _IPC_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
