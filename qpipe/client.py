@@ -32,6 +32,7 @@ import zmq.asyncio
 from . import wire
 from .errors import (
     DeadlineExceededError,
+    InvalidArgumentError,
     MessageTooLargeError,
     NoReplyError,
     QueueError,
@@ -92,7 +93,7 @@ class _ClientBase:
         if t is None:
             return None
         if isinstance(t, bool) or not isinstance(t, (int, float)) or t != t or t < 0:
-            raise ValueError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
+            raise InvalidArgumentError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
         return float(t)
 
     def _check_open(self) -> None:
@@ -173,7 +174,7 @@ class _QueueBase:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
             raise TypeError(f"{op}: n must be an integer, got {type(n).__name__}")
         if n < 0:
-            raise ValueError(f"{op}: n must be >= 0, got {n}")
+            raise InvalidArgumentError(f"{op}: n must be >= 0, got {n}")
         return int(n)
 
     def __repr__(self) -> str:

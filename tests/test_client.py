@@ -1158,10 +1158,10 @@ MISUSES = [
      lambda c, q, iq, cq: cq.dequeue_many(2, timeout=WAIT)),
     ("enqueue on a closed queue", qpipe.QueueClosedError, lambda c, q, iq, cq: cq.enqueue(rows([0])[0])),
     ("closing a closed queue", qpipe.QueueClosedError, lambda c, q, iq, cq: cq.close()),
-    ("a negative n", ValueError, lambda c, q, iq, cq: q.dequeue_many(-1)),
+    ("a negative n", qpipe.InvalidArgumentError, lambda c, q, iq, cq: q.dequeue_many(-1)),
     ("an n that is no integer", TypeError, lambda c, q, iq, cq: q.dequeue_up_to(2.0)),
-    ("a negative timeout", ValueError, lambda c, q, iq, cq: q.dequeue(timeout=-1)),
-    ("a NaN timeout", ValueError, lambda c, q, iq, cq: q.dequeue(timeout=float("nan"))),
+    ("a negative timeout", qpipe.InvalidArgumentError, lambda c, q, iq, cq: q.dequeue(timeout=-1)),
+    ("a NaN timeout", qpipe.InvalidArgumentError, lambda c, q, iq, cq: q.dequeue(timeout=float("nan"))),
     ("an expired timeout", qpipe.DeadlineExceededError, lambda c, q, iq, cq: q.dequeue(timeout=0)),
 ]
 
