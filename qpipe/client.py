@@ -39,6 +39,7 @@ from .errors import (
     UnavailableError,
     error_from_code,
 )
+from .queues import as_rows
 from .spec import ItemChecker, QueueSpec
 from .transport import check_address, connect_dealer, default_context, recv_frames, send_frames
 from .xp import settings
@@ -136,9 +137,16 @@ class _ClientBase:
             f"no reply from queue host {self.address} to {what} within {waited:.2f} s; "
             "the host may be down, unreachable or overloaded")
 
-    @staticmethod
-    def _rows_for_put_back(op: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        return [a.reshape((1, *a.shape)) for a in arrays] if op == "dequeue" else arrays
+    def _cancel_frames(self, target: int) -> list[Any]:
+        """Ask the host to withdraw request ``target`` (we gave up waiting for it)."""
+        return [wire.encode({"op": "cancel", "id": next(self._ids), "target": target})[0]]
+
+    def _put_back_frames(self, op: str, queue: Any, header: dict[str, Any],
+                         arrays: list[np.ndarray]) -> list[Any] | None:
+        """Frames returning the rows of a dequeue reply nobody will consume; None if it carried none."""
+        if op not in _DEQUEUE_OPS or not header.get("ok") or not arrays:
+            return None
+        return wire.encode({"op": "put_back", "id": next(self._ids), "queue": queue}, as_rows(op, arrays))
 
 
 class _QueueBase:
@@ -291,14 +299,12 @@ class Client(_ClientBase):
     def _abandon(self, sock: zmq.Socket, req_id: int, op: str, queue: Any) -> None:
         self._local.abandoned[req_id] = (op, queue)
         if op in _DEQUEUE_OPS or op in ("enqueue", "enqueue_many"):
-            _send_nowait(sock, [wire.encode({"op": "cancel", "id": next(self._ids), "target": req_id})[0]])
+            _send_nowait(sock, self._cancel_frames(req_id))
 
     def _late_reply(self, sock: zmq.Socket, what: tuple[str, Any], header: dict[str, Any],
                     arrays: list[np.ndarray]) -> None:
-        op, queue = what
-        if op in _DEQUEUE_OPS and header.get("ok") and arrays:
-            rows = self._rows_for_put_back(op, arrays)
-            frames = wire.encode({"op": "put_back", "id": next(self._ids), "queue": queue}, rows)
+        frames = self._put_back_frames(*what, header, arrays)
+        if frames is not None:
             _send_nowait(sock, frames)
 
     # -- declarations -------------------------------------------------------------------
@@ -506,7 +512,7 @@ class AsyncClient(_ClientBase):
         # host routes replies by this socket's identity.
         sock = zmq.Socket.shadow(self._sock.underlying)
         for rid in waiting:
-            _send_nowait(sock, [wire.encode({"op": "cancel", "id": next(self._ids), "target": rid})[0]])
+            _send_nowait(sock, self._cancel_frames(rid))
         deadline = time.monotonic() + timeout
         while waiting and time.monotonic() < deadline:
             if not sock.poll(max(1, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
@@ -516,9 +522,9 @@ class AsyncClient(_ClientBase):
             except QueueError:
                 continue
             what = waiting.pop(header.get("id"), None)
-            if what is not None and header.get("ok") and arrays:
-                rows = self._rows_for_put_back(what[0], arrays)
-                _send_nowait(sock, wire.encode({"op": "put_back", "id": next(self._ids), "queue": what[1]}, rows))
+            frames = None if what is None else self._put_back_frames(*what, header, arrays)
+            if frames is not None:
+                _send_nowait(sock, frames)
         if waiting:
             log.warning("AsyncClient for %s closed with %d request(s) the host did not confirm withdrawn",
                         self.address, len(waiting))
@@ -568,15 +574,14 @@ class AsyncClient(_ClientBase):
                     continue
                 self._abandoned[rid] = entry[1:]
             what = self._abandoned.pop(rid, None)
-            if what is not None and what[0] in _DEQUEUE_OPS and header.get("ok") and arrays:
-                rows = self._rows_for_put_back(what[0], arrays)
-                await sock.send_multipart(
-                    wire.encode({"op": "put_back", "id": next(self._ids), "queue": what[1]}, rows), copy=False)
+            frames = None if what is None else self._put_back_frames(*what, header, arrays)
+            if frames is not None:
+                await sock.send_multipart(frames, copy=False)
 
     def _forget(self, rid: int, op: str, queue: Any) -> None:
         self._abandoned[rid] = (op, queue)
         if op in _DEQUEUE_OPS or op in ("enqueue", "enqueue_many"):
-            _send_nowait(self._sock, [wire.encode({"op": "cancel", "id": next(self._ids), "target": rid})[0]])
+            _send_nowait(self._sock, self._cancel_frames(rid))
 
     async def _call(self, op: str, fields: dict[str, Any], arrays: Sequence[np.ndarray] = (),
                     timeout: float | None = None) -> tuple[dict[str, Any], list[np.ndarray]]:
@@ -609,10 +614,9 @@ class AsyncClient(_ClientBase):
             elif fut.done() and not fut.cancelled() and fut.exception() is None:
                 # Served but not consumed: send the rows back.
                 header, out = fut.result()
-                if op in _DEQUEUE_OPS and header.get("ok") and out and not self._closed:
-                    self._sock.send_multipart(
-                        wire.encode({"op": "put_back", "id": next(self._ids), "queue": fields.get("queue")},
-                                    self._rows_for_put_back(op, out)), copy=False)
+                frames = self._put_back_frames(op, fields.get("queue"), header, out)
+                if frames is not None and not self._closed:
+                    self._sock.send_multipart(frames, copy=False)
             raise
         return self._result(header), out
 

@@ -45,7 +45,7 @@ from .errors import (
     QueueError,
     UnavailableError,
 )
-from .queues import DequeueRequest, EnqueueRequest, Queue, make_queue
+from .queues import DequeueRequest, EnqueueRequest, Queue, as_rows, make_queue
 from .spec import QueueSpec, _compatible, _shape_str, batch_nbytes
 from .transport import bind_router, default_context, recv_frames, send_frames
 from .xp import settings
@@ -351,7 +351,7 @@ class QueueHost:
                 elif token.max_reply is not None and batch_nbytes(outcome) + 4096 > token.max_reply:
                     # The client could not receive it (ZeroMQ would drop the connection
                     # and the rows with it): refuse, and keep the rows.
-                    rows = [a.reshape((1, *a.shape)) for a in outcome] if req.op == "dequeue" else outcome
+                    rows = as_rows(req.op, outcome)
                     more += q.put_back(rows)
                     self._error(token.ident, token.req_id, MessageTooLargeError(
                         f"queue {q.name!r}: the {req.op} reply would be {batch_nbytes(outcome)} bytes, more than "
@@ -365,7 +365,7 @@ class QueueHost:
                                     InternalError(f"queue host failed to send the reply: {type(e).__name__}: {e}"))
                         sent = False
                     if not sent:
-                        rows = [a.reshape((1, *a.shape)) for a in outcome] if req.op == "dequeue" else outcome
+                        rows = as_rows(req.op, outcome)
                         log.warning("reply to %s on queue %r was not delivered; %d rows put back",
                                     req.op, q.name, rows[0].shape[0])
                         more += q.put_back(rows)

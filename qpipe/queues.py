@@ -42,7 +42,7 @@ import numpy as np
 from .errors import InvalidArgumentError, OutOfRangeError, QueueClosedError, QueueError
 from .spec import QueueSpec, pad_stack
 
-__all__ = ["DequeueRequest", "EnqueueRequest", "Queue", "make_queue"]
+__all__ = ["DequeueRequest", "EnqueueRequest", "Queue", "as_rows", "make_queue"]
 
 Block = list[np.ndarray]  # one array per component, common leading dimension
 Outcome = Any  # a result, or a QueueError instance
@@ -368,6 +368,12 @@ class PaddingQueue(Queue):
 
     def _combine(self, parts: list[np.ndarray], c: int) -> np.ndarray:
         return pad_stack(parts, self.spec.shape(c))
+
+
+def as_rows(op: str, arrays: list[np.ndarray]) -> Block:
+    """A dequeue's result as a block of rows (a single ``dequeue`` gave one row without its
+    leading dimension), ready for :meth:`Queue.put_back`."""
+    return [a.reshape((1, *a.shape)) for a in arrays] if op == "dequeue" else arrays
 
 
 _KINDS: dict[str, type[Queue]] = {"fifo": Queue, "shuffle": ShuffleQueue, "padding": PaddingQueue}
