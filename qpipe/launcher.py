@@ -222,14 +222,17 @@ class Launcher:
             self.hosts[name] = self._spawn(name, None, 0)
         deadline = time.monotonic() + self.startup_timeout
         for name, p in self.hosts.items():
-            if not p.ready.wait(max(0.0, deadline - time.monotonic())) or p.address is None:
-                tail = "\n  ".join(p.tail) or "(no output)"
-                raise RuntimeError(f"queue host {name!r} did not come up within {self.startup_timeout:g} s; "
-                                   f"its last lines:\n  {tail}")
+            self._await_ready(p, f"queue host {name!r}", deadline)
             with connect(p.address, liveness=max(1.0, deadline - time.monotonic())) as c:
                 c.ping(timeout=max(1.0, deadline - time.monotonic()))
             self.addresses[name] = p.address
             self.say(f"queue host {name} ready at {p.address}")
+
+    def _await_ready(self, p: _Proc, what: str, deadline: float) -> None:
+        """Wait for a process's QPIPE-READY line; raise naming it, with its last lines, if none came."""
+        if not p.ready.wait(max(0.0, deadline - time.monotonic())) or p.address is None:
+            tail = "\n  ".join(p.tail) or "(no output)"
+            raise RuntimeError(f"{what} did not come up within {self.startup_timeout:g} s; its last lines:\n  {tail}")
 
     def _start_nodes(self) -> None:
         # Services (parameter servers) first: others need their addresses.
@@ -242,10 +245,7 @@ class Launcher:
         for node in services:
             for r in range(node.replicas):
                 p = self.procs[f"{node.name}/{r}"]
-                if not p.ready.wait(max(0.0, deadline - time.monotonic())) or p.address is None:
-                    tail = "\n  ".join(p.tail) or "(no output)"
-                    raise RuntimeError(f"service {p.name} did not come up within {self.startup_timeout:g} s; "
-                                       f"its last lines:\n  {tail}")
+                self._await_ready(p, f"service {p.name}", deadline)
                 self.services[p.name] = p.address
                 self.say(f"service {p.name} ready at {p.address}")
         for node in self.topology.nodes.values():
