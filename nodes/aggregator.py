@@ -64,6 +64,7 @@ import numpy as np
 
 import qpipe
 from qpipe.runtime import NodeContext
+from nodes import node_main
 
 STARTING, HEALTHY, SUSPECT, GONE = "starting", "healthy", "suspect", "gone"
 _POLL = 0.2  # seconds a reader thread's dequeue waits before it checks whether to stop
@@ -698,11 +699,9 @@ class _Book:
         }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from qpipe.cli import main as cli_main
 
-    return cli_main(["node", *(sys.argv[1:] if argv is None else argv)])
 
+main = node_main  # `python -m nodes.KIND FILE NAME --replica I`, as `qpipe node`
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,12 +11,12 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
 
 import numpy as np
 
 import qpipe
 from qpipe.runtime import NodeContext
+from nodes import node_main
 
 
 def run(ctx: NodeContext) -> None:
@@ -62,11 +62,9 @@ def _guarded(ctx: NodeContext, fn, *args) -> None:
         fn(*args)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from qpipe.cli import main as cli_main
 
-    return cli_main(["node", *(sys.argv[1:] if argv is None else argv)])
 
+main = node_main  # `python -m nodes.KIND FILE NAME --replica I`, as `qpipe node`
 
 if __name__ == "__main__":
     sys.exit(main())

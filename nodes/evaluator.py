@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from nodes import model
 from nodes.reader import make_decoder
 from qpipe.ps import ParameterClient
 from qpipe.runtime import NodeContext
+from nodes import node_main
 
 
 def load_split(ctx: NodeContext, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -101,11 +101,9 @@ def plot(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from qpipe.cli import main as cli_main
 
-    return cli_main(["node", *(sys.argv[1:] if argv is None else argv)])
 
+main = node_main  # `python -m nodes.KIND FILE NAME --replica I`, as `qpipe node`
 
 if __name__ == "__main__":
     sys.exit(main())

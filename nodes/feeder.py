@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ import qpipe
 from nodes.reader import make_decoder
 from qpipe.inputs import list_files
 from qpipe.runtime import NodeContext
+from nodes import node_main
 
 
 def read_requests(ctx: NodeContext) -> tuple[np.ndarray, np.ndarray]:
@@ -148,11 +148,9 @@ def _offer(ctx: NodeContext, m: _Member, item: Any, stall: float | None) -> None
         ctx.log.info("queue %r takes requests again", m.queue.name)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from qpipe.cli import main as cli_main
 
-    return cli_main(["node", *(sys.argv[1:] if argv is None else argv)])
 
+main = node_main  # `python -m nodes.KIND FILE NAME --replica I`, as `qpipe node`
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 
 import qpipe
 from qpipe.runtime import NodeContext
+from nodes import node_main
 
 
 def rank(scores: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -89,11 +89,9 @@ def _meta(path: Path) -> dict[str, Any]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from qpipe.cli import main as cli_main
 
-    return cli_main(["node", *(sys.argv[1:] if argv is None else argv)])
 
+main = node_main  # `python -m nodes.KIND FILE NAME --replica I`, as `qpipe node`
 
 if __name__ == "__main__":
     sys.exit(main())

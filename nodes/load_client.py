@@ -47,12 +47,12 @@ Params (``[nodes.NAME.params]``):
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 
 import numpy as np
 
 from qpipe.runtime import NodeContext, queue_host_addresses
 from qpipe.serving import ServingClient, read_csv_inputs
+from nodes import node_main
 
 
 def run(ctx: NodeContext) -> None:
@@ -112,11 +112,9 @@ def run(ctx: NodeContext) -> None:
                 pass
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from qpipe.cli import main as cli_main
 
-    return cli_main(["node", *(sys.argv[1:] if argv is None else argv)])
 
+main = node_main  # `python -m nodes.KIND FILE NAME --replica I`, as `qpipe node`
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -50,6 +50,7 @@ from nodes import model, slicing
 from nodes.slicing import Message, Note, Recv, Send, SliceConfig
 from qpipe.runtime import NodeContext
 from qpipe.xp import array_module
+from nodes import node_main
 
 HEADER = 5
 _SLICE_PARAMS = {"role", "driver"}
@@ -434,11 +435,9 @@ def _run_driver(ctx: NodeContext, w: _Wiring, xp: ModuleType) -> None:
     ctx.result(**results)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from qpipe.cli import main as cli_main
 
-    return cli_main(["node", *(sys.argv[1:] if argv is None else argv)])
 
+main = node_main  # `python -m nodes.KIND FILE NAME --replica I`, as `qpipe node`
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -32,7 +32,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -42,6 +41,7 @@ from nodes import model
 from nodes.solo_trainer import train_from_table
 from qpipe.runtime import NodeContext
 from qpipe.xp import array_module
+from nodes import node_main
 
 _POLL = 1.0  # seconds a dequeue waits before the node checks whether it should stop
 
@@ -248,11 +248,9 @@ class _Replies:
         return lost
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from qpipe.cli import main as cli_main
 
-    return cli_main(["node", *(sys.argv[1:] if argv is None else argv)])
 
+main = node_main  # `python -m nodes.KIND FILE NAME --replica I`, as `qpipe node`
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
 
 import numpy as np
 
 from nodes import model
 from qpipe.ps import Optimizer, ParameterServer, ShardState, assign_shards, latest_checkpoint, load_checkpoint
 from qpipe.runtime import NodeContext
+from nodes import node_main
 
 
 def clients_of(ctx: NodeContext) -> tuple[int, int]:
@@ -101,11 +101,9 @@ def run(ctx: NodeContext) -> None:
     ctx.result(**{f"shard{ctx.replica}": st})
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from qpipe.cli import main as cli_main
 
-    return cli_main(["node", *(sys.argv[1:] if argv is None else argv)])
 
+main = node_main  # `python -m nodes.KIND FILE NAME --replica I`, as `qpipe node`
 
 if __name__ == "__main__":
     sys.exit(main())

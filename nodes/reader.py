@@ -17,7 +17,7 @@ import itertools
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ import numpy as np
 import qpipe
 from qpipe.inputs import CsvDecoder, FixedLengthRecordDecoder, NpyDecoder, filename_epochs, list_files, shard_files
 from qpipe.runtime import NodeContext
+from nodes import node_main
 
 
 def _csv_header(path: str, delimiter: str) -> list[str]:
@@ -194,11 +195,9 @@ def _guarded(ctx: NodeContext, fn: Any) -> None:
         fn()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from qpipe.cli import main as cli_main
 
-    return cli_main(["node", *(sys.argv[1:] if argv is None else argv)])
 
+main = node_main  # `python -m nodes.KIND FILE NAME --replica I`, as `qpipe node`
 
 if __name__ == "__main__":
     sys.exit(main())

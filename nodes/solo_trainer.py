@@ -23,7 +23,7 @@ import difflib
 import itertools
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -36,6 +36,7 @@ from qpipe import kernels
 from qpipe.inputs import list_files
 from qpipe.runtime import NodeContext
 from qpipe.xp import array_module
+from nodes import node_main
 
 #: Hyperparameters a config may set, with their defaults.
 DEFAULTS: Mapping[str, Any] = {
@@ -284,11 +285,9 @@ def run(ctx: NodeContext) -> None:
     ctx.result(config=cfg, model=path, train_seconds=round(seconds, 3), **results)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from qpipe.cli import main as cli_main
 
-    return cli_main(["node", *(sys.argv[1:] if argv is None else argv)])
 
+main = node_main  # `python -m nodes.KIND FILE NAME --replica I`, as `qpipe node`
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -29,6 +28,7 @@ from nodes import model
 from qpipe.ps import ParameterClient
 from qpipe.runtime import NodeContext
 from qpipe.xp import array_module
+from nodes import node_main
 
 
 def run(ctx: NodeContext) -> None:
@@ -105,11 +105,9 @@ def _host(a) -> np.ndarray:
     return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from qpipe.cli import main as cli_main
 
-    return cli_main(["node", *(sys.argv[1:] if argv is None else argv)])
 
+main = node_main  # `python -m nodes.KIND FILE NAME --replica I`, as `qpipe node`
 
 if __name__ == "__main__":
     sys.exit(main())
