@@ -31,7 +31,6 @@ import zmq.asyncio
 
 from . import wire
 from .errors import (
-    DeadlineExceededError,
     InvalidArgumentError,
     MessageTooLargeError,
     NoReplyError,

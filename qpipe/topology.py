@@ -1334,7 +1334,7 @@ def _build_queues(c: _Checker, section: Any, qhosts: dict[str, dict[str, Any]]) 
         if kind not in (_BAD, "shuffle"):
             for k in ("min_after_dequeue", "seed"):
                 if f[k] is not None:
-                    c.add(key + (k,), f'applies only to shuffle queues; remove it or set kind = "shuffle"')
+                    c.add(key + (k,), 'applies only to shuffle queues; remove it or set kind = "shuffle"')
                     bad = True
         if _is_int(mad) and _is_int(capacity) and kind == "shuffle" and mad >= capacity:
             c.add(key + ("min_after_dequeue",),
@@ -1402,7 +1402,7 @@ def _build_nodes(c: _Checker, section: Any, default_timeout: Any, queues: dict[s
         if device == "cpu":
             for k in ("gpus", "gpu_memory_fraction"):
                 if f[k] is not None:
-                    c.add(key + (k,), f'is used only with device = "gpu"; add device = "gpu" or remove it')
+                    c.add(key + (k,), 'is used only with device = "gpu"; add device = "gpu" or remove it')
                     bad = True
         elif device == "gpu":
             g = f["gpus"]
