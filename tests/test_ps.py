@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import zmq
 
+from _procs import poll_for
 from nodes import model
 from qpipe import kernels, wire
 from qpipe.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError
@@ -46,14 +47,6 @@ DIGITS = REPO / "topologies" / "data" / "digits"
 WAIT = 10.0  # bound on a wait that should end within a second
 TEARDOWN = 10.0
 MLP = [64, 128, 10]
-
-
-def poll_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def f64(*values: float) -> np.ndarray:
